@@ -1,0 +1,267 @@
+"""Pure parsing and validation of the CNI environment and network config.
+
+Nothing here touches the kernel; every error names the field and the value."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import DecodeError, IncompatibleVersionError, InvalidConfigError, InvalidEnvError
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION = "1.1.0"
+COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
+
+BANDWIDTH_KEYS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst")
+MIN_RATE = 1_000  # bits/s; containerd accepts 1k..1P
+MAX_RATE = 10**15  # 1 Pbit/s
+MAX_BURST = 8 * (2**32) - 1  # the reference's "burst cannot be more than 4GB" (burst/8 < 2^32)
+DEFAULT_LATENCY_MS = 25.0
+DEFAULT_MAX_BURST_MS = 100.0
+
+_CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+_IFNAME_BAD = re.compile(r"[/:\s]")
+
+
+@dataclass(frozen=True)
+class Env:
+    """The CNI_* environment, validated for the command at hand."""
+
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    args: Mapping[str, str] = field(default_factory=dict)
+    path: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Shaping for one direction: rate in bits/s, burst in bits (as CNI passes them)."""
+
+    rate: int
+    burst: int
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    ingress: Direction | None = None  # traffic into the pod
+    egress: Direction | None = None  # traffic out of the pod
+    source: str = "none"  # "static", "runtimeConfig" or "none"
+
+    @property
+    def shaped(self) -> bool:
+        return self.ingress is not None or self.egress is not None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How rates become queues: queue bounded by latency, burst capped by time."""
+
+    latency_ms: float = DEFAULT_LATENCY_MS
+    max_burst_ms: float = DEFAULT_MAX_BURST_MS  # 0 disables the cap
+
+
+@dataclass(frozen=True)
+class Attachment:
+    container_id: str
+    ifname: str
+
+
+@dataclass(frozen=True)
+class NetConf:
+    cni_version: str
+    name: str
+    bandwidth: Bandwidth
+    policy: Policy
+    prev_result: dict[str, Any] | None
+    valid_attachments: tuple[Attachment, ...] | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- environment
+
+
+def parse_env(environ: Mapping[str, str]) -> Env:
+    command = environ.get("CNI_COMMAND", "")
+    if not command:
+        raise InvalidEnvError("CNI_COMMAND is not set")
+    if command not in COMMANDS:
+        raise InvalidEnvError(f"CNI_COMMAND={command!r} is not one of {', '.join(COMMANDS)}")
+    if command in ("VERSION", "GC", "STATUS"):
+        return Env(command=command, path=_split_path(environ.get("CNI_PATH", "")))
+
+    cid = environ.get("CNI_CONTAINERID", "")
+    if not cid:
+        raise InvalidEnvError("CNI_CONTAINERID is not set")
+    if not _CONTAINER_ID.match(cid):
+        raise InvalidEnvError(f"CNI_CONTAINERID={cid!r} must match {_CONTAINER_ID.pattern}")
+    ifname = environ.get("CNI_IFNAME", "")
+    validate_ifname("CNI_IFNAME", ifname)
+    netns = environ.get("CNI_NETNS", "")
+    if command != "DEL" and not netns:  # DEL may come after the netns is gone
+        raise InvalidEnvError("CNI_NETNS is not set")
+    return Env(
+        command=command,
+        container_id=cid,
+        netns=netns,
+        ifname=ifname,
+        args=parse_cni_args(environ.get("CNI_ARGS", "")),
+        path=_split_path(environ.get("CNI_PATH", "")),
+    )
+
+
+def validate_ifname(what: str, ifname: str) -> None:
+    if not ifname:
+        raise InvalidEnvError(f"{what} is not set")
+    if len(ifname.encode()) > 15:
+        raise InvalidEnvError(f"{what}={ifname!r} is longer than 15 bytes")
+    if ifname in (".", "..") or _IFNAME_BAD.search(ifname):
+        raise InvalidEnvError(f"{what}={ifname!r} is not a valid interface name")
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in filter(None, text.split(";")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidEnvError(f"CNI_ARGS entry {pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _split_path(text: str) -> tuple[str, ...]:
+    return tuple(p for p in text.split(":") if p)
+
+
+# ---------------------------------------------------------------- config
+
+
+def decode(stdin: bytes | str) -> dict[str, Any]:
+    """JSON-decode the config; anything that is not a JSON object is code 6."""
+    try:
+        doc = json.loads(stdin)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError("failed to decode network config from stdin", str(exc)) from exc
+    if not isinstance(doc, dict):
+        raise DecodeError(f"network config must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def parse_version(doc: Mapping[str, Any]) -> str:
+    version = doc.get("cniVersion")
+    if version is None:
+        raise InvalidConfigError("cniVersion is required")
+    if not isinstance(version, str):
+        raise InvalidConfigError(f"cniVersion must be a string, got {version!r}")
+    if version not in SUPPORTED_VERSIONS:
+        raise IncompatibleVersionError(
+            f"cniVersion {version!r} is not supported",
+            f"supported versions: {', '.join(SUPPORTED_VERSIONS)}",
+        )
+    return version
+
+
+def parse_netconf(doc: Mapping[str, Any]) -> NetConf:
+    version = parse_version(doc)
+    name = doc.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidConfigError(f"name must be a non-empty string, got {name!r}")
+    prev = doc.get("prevResult")
+    if prev is not None and not isinstance(prev, dict):
+        raise InvalidConfigError(f"prevResult must be an object, got {type(prev).__name__}")
+    return NetConf(
+        cni_version=version,
+        name=name,
+        bandwidth=parse_bandwidth(doc),
+        policy=parse_policy(doc),
+        prev_result=prev,
+        valid_attachments=parse_valid_attachments(doc),
+        raw=doc,
+    )
+
+
+def parse_bandwidth(doc: Mapping[str, Any]) -> Bandwidth:
+    """Static keys win if any is present (even 0), as in the reference plugin."""
+    if any(k in doc for k in BANDWIDTH_KEYS):
+        return _bandwidth_from(doc, "", "static")
+    runtime = doc.get("runtimeConfig")
+    if runtime is None:
+        return Bandwidth()
+    if not isinstance(runtime, dict):
+        raise InvalidConfigError(f"runtimeConfig must be an object, got {runtime!r}")
+    bw = runtime.get("bandwidth")
+    if bw is None:
+        return Bandwidth()
+    if not isinstance(bw, dict):
+        raise InvalidConfigError(f"runtimeConfig.bandwidth must be an object, got {bw!r}")
+    return _bandwidth_from(bw, "runtimeConfig.bandwidth.", "runtimeConfig")
+
+
+def _bandwidth_from(src: Mapping[str, Any], prefix: str, source: str) -> Bandwidth:
+    def direction(name: str) -> Direction | None:
+        rate_key, burst_key = f"{prefix}{name}Rate", f"{prefix}{name}Burst"
+        rate = uint_field(rate_key, src.get(f"{name}Rate", 0), MAX_RATE)
+        burst = uint_field(burst_key, src.get(f"{name}Burst", 0), MAX_BURST)
+        if rate == 0 and burst == 0:
+            return None
+        if rate == 0:
+            raise InvalidConfigError(f"{burst_key}={burst} is set but {rate_key} is not: set both or neither")
+        if burst == 0:
+            raise InvalidConfigError(f"{rate_key}={rate} is set but {burst_key} is not: set both or neither")
+        if rate < MIN_RATE:
+            raise InvalidConfigError(f"{rate_key}={rate} is below the minimum of {MIN_RATE} bits/s")
+        return Direction(rate=rate, burst=burst)
+
+    return Bandwidth(ingress=direction("ingress"), egress=direction("egress"), source=source)
+
+
+def uint_field(key: str, value: Any, maximum: int) -> int:
+    """A non-negative integer (JSON ints, or floats with no fraction) up to maximum."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidConfigError(f"{key} must be a non-negative integer, got {value!r}")
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")) or not value.is_integer():
+            raise InvalidConfigError(f"{key} must be a non-negative integer, got {value!r}")
+        value = int(value)
+    if value < 0:
+        raise InvalidConfigError(f"{key} must be a non-negative integer, got {value}")
+    if value > maximum:
+        raise InvalidConfigError(f"{key}={value} exceeds the maximum of {maximum}")
+    return value
+
+
+def _number_field(key: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise InvalidConfigError(f"{key} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidConfigError(f"{key}={value} must be between {low:g} and {high:g}")
+    return float(value)
+
+
+def parse_policy(doc: Mapping[str, Any]) -> Policy:
+    return Policy(
+        latency_ms=_number_field("latencyMs", doc.get("latencyMs", DEFAULT_LATENCY_MS), 1, 10_000),
+        max_burst_ms=_number_field("maxBurstMs", doc.get("maxBurstMs", DEFAULT_MAX_BURST_MS), 0, 60_000),
+    )
+
+
+def parse_valid_attachments(doc: Mapping[str, Any]) -> tuple[Attachment, ...] | None:
+    """GC's list; libcni sends both spellings (1.1.0 text says cni.dev/attachments)."""
+    for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
+        if key in doc:
+            items = doc[key]
+            if not isinstance(items, list):
+                raise InvalidConfigError(f"{key} must be a list, got {items!r}")
+            out = []
+            for i, item in enumerate(items):
+                cid = item.get("containerID") if isinstance(item, dict) else None
+                ifname = item.get("ifname") if isinstance(item, dict) else None
+                if not isinstance(cid, str) or not isinstance(ifname, str):
+                    raise InvalidConfigError(f"{key}[{i}] must have string containerID and ifname, got {item!r}")
+                out.append(Attachment(cid, ifname))
+            return tuple(out)
+    return None

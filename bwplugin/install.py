@@ -1,0 +1,38 @@
+"""Installs the plugin executable into a CNI bin directory (default /opt/cni/bin)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_DIR = "/opt/cni/bin"
+REFERENCE_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
+
+
+def launcher_text(python: str = sys.executable) -> str:
+    # -I: the runtime's environment (PYTHONPATH, user site) must not change the plugin
+    return f"#!{python} -I\nfrom bwplugin.cli import main\nraise SystemExit(main())\n"
+
+
+def install(directory: str | Path = DEFAULT_DIR, python: str = sys.executable) -> Path:
+    target = Path(directory) / "bwplugin"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(".bwplugin.tmp")
+    tmp.write_text(launcher_text(python))
+    tmp.chmod(0o755)
+    os.replace(tmp, target)  # atomic: a runtime never executes half a file
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", default=os.environ.get("CNI_BIN_DIR", DEFAULT_DIR))
+    args = parser.parse_args()
+    print(f"installed {install(args.dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

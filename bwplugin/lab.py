@@ -1,0 +1,199 @@
+"""Test pods for the demo, the tests and the benchmarks.
+
+Everything lives in network namespaces created here and named with a "bwpt"
+prefix: a private "node" namespace in which the CNI chain runs (so ptp's host
+veths, ifbs and ip_forward never touch the real host) and one namespace per pod.
+Leaving the context removes all of it, even after a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import bpf
+from .install import REFERENCE_DIR, install
+from .libcni import Attachment, Runtime
+from .naming import parse_alias
+from .netlink import Netlink
+
+PREFIX = "bwpt"
+NETNS_DIR = "/run/netns"
+
+
+@dataclass
+class Pod:
+    name: str
+    netns: str
+    attachment: Attachment | None = None
+
+    @property
+    def ip(self) -> str:
+        assert self.attachment and self.attachment.result
+        return str(self.attachment.result["ips"][0]["address"]).split("/")[0]
+
+
+def ip_netns(*args: str) -> None:
+    subprocess.run(["ip", "netns", *args], check=True, capture_output=True)
+
+
+class Lab:
+    def __init__(self, subnet: str = "10.234.0.0/24", keep_bpf_entries: bool = False) -> None:
+        self.tag = secrets.token_hex(3)
+        self.subnet = subnet
+        self.pods: list[Pod] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.node_name = f"{PREFIX}-{self.tag}-node"
+        self.node = f"{NETNS_DIR}/{self.node_name}"
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "Lab":
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{self.tag}-"))
+        self.bin_dir = self.tmp / "bin"
+        self.bin_dir.mkdir()
+        for name in ("ptp", "bridge", "host-local", "loopback", "bandwidth"):
+            os.symlink(f"{REFERENCE_DIR}/{name}", self.bin_dir / name)
+        install(self.bin_dir)
+        try:
+            ip_netns("add", self.node_name)
+            self.run(self.node, "ip", "link", "set", "lo", "up")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.runtime = Runtime([str(self.bin_dir)], node_netns=self.node)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        for pod in reversed(self.pods):
+            if pod.attachment and pod.attachment.result is not None:
+                try:
+                    pod.attachment.delete()
+                except Exception:
+                    pass
+        self._purge_map_entries()
+        for name in [p.name for p in self.pods] + [self.node_name]:
+            if os.path.exists(f"{NETNS_DIR}/{name}"):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _purge_map_entries(self) -> None:
+        """Map entries of ifbs still in this node namespace (a DEL that failed) would
+        outlive it: remove them by the ids their aliases record."""
+        if not os.path.exists(self.node):
+            return
+        fd = bpf.open_map()
+        if fd is None:
+            return
+        try:
+            with Netlink.in_netns(self.node) as nl:
+                labels = [parse_alias(link.alias) for link in nl.links() if link.kind == "ifb"]
+            for label in labels:
+                if label is not None:
+                    bpf.map_delete(fd, bpf.attach_key(label.attach_id))
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------ pods
+
+    def pod(self, name: str) -> Pod:
+        full = f"{PREFIX}-{self.tag}-{name}"
+        ip_netns("add", full)
+        pod = Pod(full, f"{NETNS_DIR}/{full}")
+        self.pods.append(pod)
+        self.run(pod.netns, "ip", "link", "set", "lo", "up")
+        return pod
+
+    def conflist(
+        self, shaper: dict[str, Any] | None, version: str = "1.0.0", name: str = "bwpt-net", mtu: int = 0
+    ) -> dict[str, Any]:
+        ptp: dict[str, Any] = {
+            "type": "ptp",
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "subnet": self.subnet,
+                "dataDir": str(self.tmp / "ipam"),
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        }
+        if mtu:
+            ptp["mtu"] = mtu
+        if version == "1.1.0":
+            ptp["cniVersion"] = "1.0.0"  # Debian's ptp stops at 1.0.0; libcni converts its result
+        plugins = [ptp] + ([shaper] if shaper else [])
+        return {"cniVersion": version, "name": name, "plugins": plugins}
+
+    def attach(
+        self,
+        pod: Pod,
+        conflist: dict[str, Any],
+        runtime_config: dict[str, Any] | None = None,
+        ifname: str = "eth0",
+        container_id: str | None = None,
+    ) -> Attachment:
+        att = Attachment(
+            self.runtime, conflist, container_id or f"{pod.name}-cid", pod.netns, ifname, runtime_config
+        )
+        pod.attachment = att
+        att.add()
+        return att
+
+    # ------------------------------------------------------------ processes
+
+    def run(self, netns: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", f"--net={netns}", *argv], capture_output=True, text=True, check=True, timeout=timeout
+        )
+
+    def spawn(self, netns: str, *argv: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            ["nsenter", f"--net={netns}", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.procs.append(proc)
+        return proc
+
+    def iperf_server(self, pod: Pod, port: int = 5201) -> subprocess.Popen[bytes]:
+        proc = self.spawn(pod.netns, "iperf3", "-s", "-B", pod.ip, "-p", str(port))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # wait until it listens
+            out = self.run(pod.netns, "ss", "-Hltn", f"sport = :{port}").stdout
+            if out.strip():
+                break
+            time.sleep(0.05)
+        return proc
+
+    def iperf(
+        self,
+        client: Pod,
+        server: Pod,
+        seconds: float = 3,
+        reverse: bool = False,
+        udp_rate: int = 0,
+        port: int = 5201,
+        extra: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        argv = ["iperf3", "-c", server.ip, "-p", str(port), "-t", str(seconds), "-J", *extra]
+        if reverse:
+            argv.append("-R")
+        if udp_rate:
+            argv += ["-u", "-b", str(udp_rate), "-l", "1400"]
+        out = self.run(client.netns, *argv, timeout=seconds + 60).stdout
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def host_link(self, name: str) -> Any:
+        with Netlink.in_netns(self.node) as nl:
+            return nl.link(name=name)

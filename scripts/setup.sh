@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Idempotent node set-up for bwplugin, sourced by scripts/demo.sh and scripts/test.sh.
+# Installs Debian's bcc, kernel headers, iperf3 and the reference CNI plugins, links
+# headers for the running kernel when it ships none, mounts bpffs, and makes a venv
+# (with system site-packages, to see python3-bpfcc) holding bwplugin in editable mode.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${BWPLUGIN_VENV:-$ROOT/.venv}"
+
+if [ "$(id -u)" != 0 ]; then echo "bwplugin set-up needs root (netlink, tc, bpf)" >&2; exit 1; fi
+
+need=()
+for pkg in python3-bpfcc linux-headers-amd64 iperf3 containernetworking-plugins python3-venv iputils-ping iproute2 util-linux; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/build; link Debian's headers only
+# when the running kernel has none of its own.
+KDIR="/lib/modules/$(uname -r)"
+if [ ! -e "$KDIR/build/include" ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$hdr" ] || { echo "setup: no Debian kernel headers found under /usr/src" >&2; exit 1; }
+  mkdir -p "$KDIR"
+  ln -sfn "$hdr" "$KDIR/build"
+  [ -e "$KDIR/source" ] || ln -sfn "${common:-$hdr}" "$KDIR/source"
+  echo "setup: linked $KDIR/build -> $hdr"
+fi
+
+mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf
+
+if [ ! -x "$VENV/bin/python" ]; then
+  /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+stamp="$VENV/.bwplugin-deps"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]"
+  touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
