@@ -20,7 +20,7 @@ MIN_RATE = 1_000  # bits/s; containerd accepts 1k..1P
 MAX_RATE = 10**15  # 1 Pbit/s
 MAX_BURST = 8 * (2**32) - 1  # the reference's "burst cannot be more than 4GB" (burst/8 < 2^32)
 DEFAULT_LATENCY_MS = 25.0
-DEFAULT_MAX_BURST_MS = 100.0
+DEFAULT_MAX_BURST_MS = 10.0
 
 _CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 _IFNAME_BAD = re.compile(r"[/:\s]")

@@ -78,7 +78,7 @@ class Lab:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
         for pod in reversed(self.pods):
-            if pod.attachment and pod.attachment.result is not None:
+            if pod.attachment is not None:  # even a failed ADD gets its DEL, as runtimes do
                 try:
                     pod.attachment.delete()
                 except Exception:
@@ -151,6 +151,13 @@ class Lab:
         att.add()
         return att
 
+    def exec_shaper(
+        self, command: str, pod: Pod, conf: dict[str, Any] | bytes, ifname: str = "eth0", **env: str
+    ) -> Any:
+        """Run bwplugin alone, as the runtime would, for the given pod."""
+        cid = pod.attachment.container_id if pod.attachment else f"{pod.name}-cid"
+        return self.runtime.exec("bwplugin", command, conf, container_id=cid, netns=pod.netns, ifname=ifname, env=env)
+
     # ------------------------------------------------------------ processes
 
     def run(self, netns: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -180,12 +187,13 @@ class Lab:
         client: Pod,
         server: Pod,
         seconds: float = 3,
+        omit: int = 1,
         reverse: bool = False,
         udp_rate: int = 0,
         port: int = 5201,
         extra: tuple[str, ...] = (),
     ) -> dict[str, Any]:
-        argv = ["iperf3", "-c", server.ip, "-p", str(port), "-t", str(seconds), "-J", *extra]
+        argv = ["iperf3", "-c", server.ip, "-p", str(port), "-t", str(seconds), "-O", str(omit), "-J", *extra]
         if reverse:
             argv.append("-R")
         if udp_rate:

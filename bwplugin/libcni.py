@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .protocol import convert_result
+
 CLONE_NEWNET = 0x40000000
 
 
@@ -106,8 +108,8 @@ def plugin_conf(
     rc = {k: v for k, v in (runtime_config or {}).items() if caps.get(k)}
     if rc:
         conf["runtimeConfig"] = rc
-    if prev is not None:
-        conf["prevResult"] = prev
+    if prev is not None:  # libcni hands each plugin the result in its own version
+        conf["prevResult"] = convert_result(prev, conf["cniVersion"])
     conf.update(extra or {})
     return conf
 

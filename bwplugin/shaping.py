@@ -43,9 +43,13 @@ def burst_floor(rate: int, mtu: int) -> int:
     return max(4 * frame, min(GSO_MAX, rate // 100))
 
 
-def queue_floor(mtu: int) -> int:
-    """Smallest useful queue: 16 frames, so TCP at low rates is not starved."""
-    return 16 * (mtu + ETH_HLEN)
+def queue_floor(mtu: int, burst: int = 0) -> int:
+    """Smallest useful queue: 16 frames, so TCP at low rates is not starved, and two
+    of the largest packets TBF lets through whole. TBF segments only GSO packets
+    bigger than its bucket; one that is not segmented but does not fit the queue is
+    dropped whole (44 segments at once), which stalls TCP into a retransmit timeout."""
+    largest = min(burst, GSO_MAX + mtu + ETH_HLEN)
+    return max(16 * (mtu + ETH_HLEN), 2 * largest)
 
 
 def tbf_params(direction: Direction, policy: Policy, mtu: int = 1500) -> TBFParams:
@@ -60,7 +64,7 @@ def tbf_params(direction: Direction, policy: Policy, mtu: int = 1500) -> TBFPara
             burst, capped = cap, True
     if burst < floor:
         burst, raised = floor, True
-    limit = max(int(rate * policy.latency_ms / 1000), queue_floor(mtu))
+    limit = max(int(rate * policy.latency_ms / 1000), queue_floor(mtu, burst))
     return TBFParams(
         rate=rate,
         burst=min(burst, U32_MAX),

@@ -1,0 +1,44 @@
+"""Fixtures for kernel tests. They need root; in CI (BWPLUGIN_REQUIRE_KERNEL=1,
+set by scripts/test.sh when running as root) a missing capability is a failure,
+never a silent skip."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import pytest
+
+from bwplugin.lab import Lab
+
+REQUIRE = os.environ.get("BWPLUGIN_REQUIRE_KERNEL") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    if REQUIRE:
+        raise pytest.UsageError("BWPLUGIN_REQUIRE_KERNEL=1 but not running as root")
+    skip = pytest.mark.skip(reason="needs root for network namespaces, tc and bpf")
+    for item in items:
+        if "kernel" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab() as the_lab:
+        yield the_lab
+
+
+def shaper(**static: Any) -> dict[str, Any]:
+    return {"type": "bwplugin", "capabilities": {"bandwidth": True}, **static}
+
+
+def bandwidth(ingress: int = 0, egress: int = 0, burst: int = 4294967295) -> dict[str, Any]:
+    bw: dict[str, Any] = {}
+    if ingress:
+        bw.update(ingressRate=ingress, ingressBurst=burst)
+    if egress:
+        bw.update(egressRate=egress, egressBurst=burst)
+    return {"bandwidth": bw}

@@ -1,0 +1,60 @@
+"""What the kernel holds, read with pyroute2: an implementation independent of
+bwplugin's own netlink code, so the tests do not grade their own homework."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+
+
+@dataclass
+class KernelView:
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {index, kind, alias}
+    qdiscs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dev -> [{kind, handle, parent, ...}]
+    filters: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dev -> bpf filters on clsact ingress
+
+    def tbf(self, dev: str) -> dict[str, Any] | None:
+        for q in self.qdiscs.get(dev, []):
+            if q["kind"] == "tbf" and q["parent"] == 0xFFFFFFFF:
+                return q
+        return None
+
+    def has_clsact(self, dev: str) -> bool:
+        return any(q["kind"] == "clsact" for q in self.qdiscs.get(dev, []))
+
+    def ifbs(self) -> list[str]:
+        return [name for name, link in self.links.items() if link["kind"] == "ifb"]
+
+
+def view(netns: str) -> KernelView:
+    out = KernelView()
+    with IPRoute(netns=netns) as ipr:
+        names = {}
+        for link in ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            name = link.get_attr("IFLA_IFNAME")
+            names[link["index"]] = name
+            out.links[name] = {
+                "index": link["index"],
+                "kind": info.get_attr("IFLA_INFO_KIND") if info else None,
+                "alias": link.get_attr("IFLA_IFALIAS"),
+            }
+        for q in ipr.get_qdiscs():
+            entry: dict[str, Any] = {"kind": q.get_attr("TCA_KIND"), "handle": q["handle"], "parent": q["parent"]}
+            if entry["kind"] == "tbf":
+                parms = q.get_attr("TCA_OPTIONS").get_attr("TCA_TBF_PARMS")
+                entry.update(rate=parms["rate"], limit=parms["limit"], buffer=parms["buffer"])
+            out.qdiscs.setdefault(names.get(q["index"], str(q["index"])), []).append(entry)
+        for index, name in names.items():
+            if not out.has_clsact(name):
+                continue
+            for f in ipr.get_filters(index=index, parent=0xFFFFFFF2):
+                opts = f.get_attr("TCA_OPTIONS")
+                if f.get_attr("TCA_KIND") == "bpf" and opts:
+                    out.filters.setdefault(name, []).append(
+                        {"name": opts.get_attr("TCA_BPF_NAME"), "classid": opts.get_attr("TCA_BPF_CLASSID"),
+                         "flags": opts.get_attr("TCA_BPF_FLAGS")}
+                    )
+    return out

@@ -1,0 +1,183 @@
+"""Config and environment parsing: pure, no root needed."""
+
+import pytest
+
+from bwplugin.config import (
+    MAX_BURST,
+    Direction,
+    parse_bandwidth,
+    parse_cni_args,
+    parse_env,
+    parse_netconf,
+    parse_policy,
+    parse_valid_attachments,
+)
+from bwplugin.errors import DecodeError, IncompatibleVersionError, InvalidConfigError, InvalidEnvError
+
+BASE_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0"}
+
+
+def test_env_add_complete():
+    env = parse_env({**BASE_ENV, "CNI_ARGS": "K8S_POD_NAME=p;IgnoreUnknown=1", "CNI_PATH": "/a:/b"})
+    assert (env.command, env.container_id, env.netns, env.ifname) == ("ADD", "abc123", "/run/netns/x", "eth0")
+    assert env.args == {"K8S_POD_NAME": "p", "IgnoreUnknown": "1"}
+    assert env.path == ("/a", "/b")
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"CNI_COMMAND": ""}, "CNI_COMMAND"),
+        ({"CNI_COMMAND": "FROB"}, "CNI_COMMAND='FROB'"),
+        ({"CNI_CONTAINERID": ""}, "CNI_CONTAINERID"),
+        ({"CNI_CONTAINERID": "-bad"}, "CNI_CONTAINERID='-bad'"),
+        ({"CNI_CONTAINERID": "a b"}, "CNI_CONTAINERID"),
+        ({"CNI_IFNAME": ""}, "CNI_IFNAME"),
+        ({"CNI_IFNAME": "x" * 16}, "longer than 15"),
+        ({"CNI_IFNAME": ".."}, "CNI_IFNAME='..'"),
+        ({"CNI_IFNAME": "et/h0"}, "not a valid interface name"),
+        ({"CNI_IFNAME": "eth:0"}, "not a valid interface name"),
+        ({"CNI_NETNS": ""}, "CNI_NETNS"),
+        ({"CNI_ARGS": "novalue"}, "CNI_ARGS entry 'novalue'"),
+    ],
+)
+def test_env_errors_name_the_variable(change, needle):
+    with pytest.raises(InvalidEnvError) as err:
+        parse_env({**BASE_ENV, **change})
+    assert err.value.code == 4
+    assert needle in err.value.msg
+
+
+def test_env_del_needs_no_netns_and_version_needs_nothing():
+    env = {**BASE_ENV, "CNI_COMMAND": "DEL"}
+    del env["CNI_NETNS"]
+    assert parse_env(env).netns == ""
+    assert parse_env({"CNI_COMMAND": "VERSION"}).command == "VERSION"
+    assert parse_env({"CNI_COMMAND": "GC"}).command == "GC"
+    assert parse_env({"CNI_COMMAND": "STATUS"}).command == "STATUS"
+
+
+def test_ifname_at_the_limit_is_valid():
+    assert parse_env({**BASE_ENV, "CNI_IFNAME": "x" * 15}).ifname == "x" * 15
+
+
+def test_cni_args_parsing():
+    assert parse_cni_args("") == {}
+    assert parse_cni_args("A=1;;B=") == {"A": "1", "B": ""}
+
+
+def conf(**extra):
+    return {"cniVersion": "1.0.0", "name": "net", "type": "bwplugin", **extra}
+
+
+def test_runtime_config_bandwidth():
+    bw = parse_bandwidth(conf(runtimeConfig={"bandwidth": {"ingressRate": 10**6, "ingressBurst": 10**5}}))
+    assert bw.source == "runtimeConfig"
+    assert bw.ingress == Direction(10**6, 10**5)
+    assert bw.egress is None
+
+
+def test_static_keys_win_even_when_zero():
+    doc = conf(egressRate=0, runtimeConfig={"bandwidth": {"ingressRate": 10**6, "ingressBurst": 10**5}})
+    bw = parse_bandwidth(doc)
+    assert bw.source == "static"
+    assert not bw.shaped
+
+
+def test_static_config_used_without_runtime():
+    bw = parse_bandwidth(conf(egressRate=2 * 10**6, egressBurst=10**6))
+    assert (bw.source, bw.egress) == ("static", Direction(2 * 10**6, 10**6))
+
+
+def test_no_bandwidth_anywhere():
+    assert not parse_bandwidth(conf()).shaped
+    assert not parse_bandwidth(conf(runtimeConfig={})).shaped
+    assert not parse_bandwidth(conf(runtimeConfig={"portMappings": []})).shaped
+
+
+@pytest.mark.parametrize(
+    "bw, needle",
+    [
+        ({"ingressRate": 10**6}, "runtimeConfig.bandwidth.ingressRate=1000000 is set but runtimeConfig.bandwidth.ingressBurst"),
+        ({"egressBurst": 10**6}, "runtimeConfig.bandwidth.egressBurst=1000000 is set but runtimeConfig.bandwidth.egressRate"),
+        ({"ingressRate": -1, "ingressBurst": 1}, "ingressRate must be a non-negative integer, got -1"),
+        ({"ingressRate": "10M", "ingressBurst": 1}, "ingressRate must be a non-negative integer, got '10M'"),
+        ({"ingressRate": True, "ingressBurst": 1}, "got True"),
+        ({"ingressRate": 1.5e6 + 0.5, "ingressBurst": 1}, "non-negative integer"),
+        ({"ingressRate": None, "ingressBurst": 1}, "got None"),
+        ({"ingressRate": 10**6, "ingressBurst": MAX_BURST + 1}, f"ingressBurst={MAX_BURST + 1} exceeds"),
+        ({"egressRate": 10**16, "egressBurst": 1}, "egressRate=10000000000000000 exceeds"),
+        ({"egressRate": 999, "egressBurst": 1000}, "egressRate=999 is below the minimum"),
+    ],
+)
+def test_bandwidth_errors_are_code_7_and_name_field_and_value(bw, needle):
+    with pytest.raises(InvalidConfigError) as err:
+        parse_bandwidth(conf(runtimeConfig={"bandwidth": bw}))
+    assert err.value.code == 7
+    assert needle in err.value.msg
+
+
+def test_static_errors_name_the_top_level_key():
+    with pytest.raises(InvalidConfigError, match=r"^egressRate=5000000 is set but egressBurst is not"):
+        parse_bandwidth(conf(egressRate=5 * 10**6))
+
+
+def test_integral_floats_are_accepted_and_runtime_bursts_fit():
+    bw = parse_bandwidth(conf(runtimeConfig={"bandwidth": {"ingressRate": 1e7, "ingressBurst": 4294967295}}))
+    assert bw.ingress == Direction(10**7, 4294967295)
+    crio = parse_bandwidth(conf(runtimeConfig={"bandwidth": {"egressRate": 10**7, "egressBurst": 34359738359}}))
+    assert crio.egress == Direction(10**7, 34359738359)
+
+
+def test_wrong_container_types():
+    with pytest.raises(InvalidConfigError, match="runtimeConfig must be an object"):
+        parse_bandwidth(conf(runtimeConfig=[]))
+    with pytest.raises(InvalidConfigError, match="runtimeConfig.bandwidth must be an object"):
+        parse_bandwidth(conf(runtimeConfig={"bandwidth": "10M"}))
+
+
+def test_netconf_version_and_name():
+    with pytest.raises(InvalidConfigError, match="cniVersion is required"):
+        parse_netconf({"name": "n"})
+    with pytest.raises(IncompatibleVersionError) as err:
+        parse_netconf({"cniVersion": "0.2.0", "name": "n"})
+    assert err.value.code == 1 and "'0.2.0'" in err.value.msg and "1.1.0" in err.value.details
+    with pytest.raises(InvalidConfigError, match="cniVersion must be a string, got 1"):
+        parse_netconf({"cniVersion": 1, "name": "n"})
+    with pytest.raises(InvalidConfigError, match="name must be a non-empty string"):
+        parse_netconf({"cniVersion": "1.0.0", "name": ""})
+    with pytest.raises(InvalidConfigError, match="prevResult must be an object"):
+        parse_netconf(conf(prevResult=[1]))
+
+
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+def test_every_supported_version_parses(version):
+    assert parse_netconf({"cniVersion": version, "name": "n"}).cni_version == version
+
+
+def test_policy_defaults_and_bounds():
+    p = parse_policy({})
+    assert (p.latency_ms, p.max_burst_ms) == (25.0, 10.0)
+    assert parse_policy({"latencyMs": 5, "maxBurstMs": 0}).max_burst_ms == 0
+    with pytest.raises(InvalidConfigError, match="latencyMs=0 must be between 1 and 10000"):
+        parse_policy({"latencyMs": 0})
+    with pytest.raises(InvalidConfigError, match="maxBurstMs must be a number, got 'x'"):
+        parse_policy({"maxBurstMs": "x"})
+
+
+def test_valid_attachments_both_spellings():
+    items = [{"containerID": "c1", "ifname": "eth0"}]
+    assert parse_valid_attachments({"cni.dev/valid-attachments": items})[0].container_id == "c1"
+    assert parse_valid_attachments({"cni.dev/attachments": items})[0].ifname == "eth0"
+    assert parse_valid_attachments({}) is None
+    with pytest.raises(InvalidConfigError, match=r"cni.dev/valid-attachments\[0\]"):
+        parse_valid_attachments({"cni.dev/valid-attachments": [{"containerID": 1}]})
+
+
+def test_decode_errors_are_code_6():
+    from bwplugin.config import decode
+
+    for bad in (b"", b"{", b"[1]", b"\xff\xfe", b"null"):
+        with pytest.raises(DecodeError) as err:
+            decode(bad)
+        assert err.value.code == 6

@@ -1,0 +1,428 @@
+"""bwplugin on real namespaces, veths, ifbs and eBPF, run as a runtime runs it:
+the installed executable, chained after Debian's reference ptp/bridge plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from bwplugin import bpf
+from bwplugin.lab import Lab, Pod
+from bwplugin.libcni import PluginFailed, plugin_conf
+from bwplugin.measure import TCP_GOODPUT_CEILING, Sampler, iperf_goodput
+from bwplugin.naming import ifb_name, parse_alias
+from bwplugin.tc import TBF_HANDLE
+
+from .conftest import bandwidth, shaper
+from .oracle import view
+
+pytestmark = pytest.mark.kernel
+VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+
+
+def host_veth(pod: Pod) -> str:
+    ifaces = pod.attachment.result["interfaces"]
+    return next(i["name"] for i in ifaces if not i.get("sandbox") and not i["name"].startswith("bwpl"))
+
+
+def shaper_conf(pod: Pod, command_result: bool = True) -> dict:
+    att = pod.attachment
+    plugin = att.conflist["plugins"][-1]
+    return plugin_conf(att.conflist, plugin, att.result if command_result else None, att.runtime_config)
+
+
+def map_ids() -> set[int]:
+    fd = bpf.open_map()
+    if fd is None:
+        return set()
+    try:
+        return set(bpf.attach_entries(fd))
+    finally:
+        os.close(fd)
+
+
+def attach_id_of(lab: Lab, pod: Pod) -> int:
+    name = ifb_name(pod.attachment.conflist["name"], pod.attachment.container_id, pod.attachment.ifname)
+    label = parse_alias(view(lab.node).links[name]["alias"])
+    assert label is not None
+    return label.attach_id
+
+
+def assert_clean(lab: Lab, veth: str | None = None) -> None:
+    kv = view(lab.node)
+    assert kv.ifbs() == []
+    if veth and veth in kv.links:
+        assert kv.tbf(veth) is None
+        assert not kv.has_clsact(veth)
+
+
+# ---------------------------------------------------------------- ADD / CHECK / DEL
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_add_check_del_every_version(lab: Lab, version: str) -> None:
+    pod = lab.pod("a")
+    before = map_ids()
+    att = lab.attach(pod, lab.conflist(shaper(), version), bandwidth(ingress=10_000_000, egress=20_000_000))
+    res = att.result
+    assert res["cniVersion"] == version
+    veth = host_veth(pod)
+    ifb = ifb_name("bwpt-net", att.container_id, "eth0")
+    assert res["interfaces"][-1]["name"] == ifb
+    if version < "1.0.0":
+        assert res["ips"][0]["version"] == "4"
+    else:
+        assert "version" not in res["ips"][0]
+
+    kv = view(lab.node)
+    ingress = kv.tbf(veth)
+    assert ingress and ingress["handle"] == TBF_HANDLE and ingress["rate"] == 1_250_000
+    assert ingress["limit"] == 31_250  # 25 ms at 10 Mbit/s, not rate*25ms + 512 MiB
+    egress = kv.tbf(ifb)
+    assert egress and egress["rate"] == 2_500_000
+    assert kv.has_clsact(veth)
+    (flt,) = kv.filters[veth]
+    assert flt["name"].startswith("bwplugin:egress_") and flt["flags"] == 1  # direct action
+    label = parse_alias(kv.links[ifb]["alias"])
+    assert label and label.attach_id == flt["classid"] and label.host_index == kv.links[veth]["index"]
+    fd = bpf.open_map()
+    entry = bpf.attach_get(fd, label.attach_id)
+    os.close(fd)
+    assert entry and entry.ifb_index == kv.links[ifb]["index"]
+
+    if version >= "0.4.0":
+        att.check()
+
+    inv = lab.exec_shaper("DEL", pod, shaper_conf(pod))
+    assert (inv.rc, inv.stdout) == (0, "")
+    assert_clean(lab, veth)
+    assert map_ids() == before
+    att.delete()
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "1.0.0"])
+def test_no_bandwidth_passes_prev_result_through(lab: Lab, version: str) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(None, version))  # ptp alone
+    conf = plugin_conf(att.conflist, shaper(), att.result, None)
+    inv = lab.exec_shaper("ADD", pod, conf)
+    assert inv.rc == 0
+    assert json.loads(inv.stdout) == att.result  # same version in and out: unchanged
+    assert view(lab.node).ifbs() == []
+
+
+def test_static_config_wins_over_runtime(lab: Lab) -> None:
+    pod = lab.pod("a")
+    static = shaper(egressRate=5_000_000, egressBurst=400_000)
+    att = lab.attach(pod, lab.conflist(static), bandwidth(ingress=10_000_000))
+    kv = view(lab.node)
+    assert kv.tbf(host_veth(pod)) is None  # runtime ingress ignored
+    assert kv.tbf(att.result["interfaces"][-1]["name"])["rate"] == 625_000
+    att.check()
+
+
+def test_runtime_config_used_without_static(lab: Lab) -> None:
+    pod = lab.pod("a")
+    lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000))
+    kv = view(lab.node)
+    assert kv.tbf(host_veth(pod))["rate"] == 1_250_000
+    assert kv.ifbs() == [] and not kv.has_clsact(host_veth(pod))
+
+
+def test_egress_only(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=3_000_000))
+    kv = view(lab.node)
+    assert kv.tbf(host_veth(pod)) is None
+    assert kv.tbf(att.result["interfaces"][-1]["name"])["rate"] == 375_000
+    att.check()
+
+
+def test_two_pods_shaped_differently(lab: Lab) -> None:
+    conflist = lab.conflist(shaper())
+    a, b = lab.pod("a"), lab.pod("b")
+    lab.attach(a, conflist, bandwidth(ingress=10_000_000, egress=2_000_000))
+    lab.attach(b, conflist, bandwidth(ingress=50_000_000, egress=30_000_000))
+    kv = view(lab.node)
+    assert kv.tbf(host_veth(a))["rate"] == 1_250_000
+    assert kv.tbf(host_veth(b))["rate"] == 6_250_000
+    assert kv.tbf(a.attachment.result["interfaces"][-1]["name"])["rate"] == 250_000
+    assert kv.tbf(b.attachment.result["interfaces"][-1]["name"])["rate"] == 3_750_000
+    a.attachment.delete()
+    a.attachment = None
+    b.attachment.check()  # deleting one pod left the other intact
+    assert len(view(lab.node).ifbs()) == 1
+
+
+def test_bridge_chain(lab: Lab) -> None:
+    pod = lab.pod("a")
+    bridge = {
+        "type": "bridge",
+        "bridge": f"bwpt{lab.tag}br",
+        "isGateway": True,
+        "ipMasq": False,
+        "ipam": {"type": "host-local", "subnet": "10.234.1.0/24", "dataDir": str(lab.tmp / "ipam-br")},
+    }
+    conflist = {"cniVersion": "1.0.0", "name": "bwpt-br", "plugins": [bridge, shaper()]}
+    att = lab.attach(pod, conflist, bandwidth(ingress=10_000_000, egress=20_000_000))
+    veth = next(i["name"] for i in att.result["interfaces"] if i["name"].startswith("veth"))
+    kv = view(lab.node)
+    assert kv.tbf(veth)["rate"] == 1_250_000 and kv.has_clsact(veth)
+    att.check()
+    att.delete()
+    pod.attachment = None
+    assert view(lab.node).ifbs() == []
+
+
+# ---------------------------------------------------------------- DEL is best effort
+
+
+def test_del_twice_and_without_prev_result(lab: Lab) -> None:
+    pod = lab.pod("a")
+    lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
+    veth = host_veth(pod)
+    conf = shaper_conf(pod, command_result=False)
+    for _ in range(2):
+        inv = lab.exec_shaper("DEL", pod, conf)
+        assert (inv.rc, inv.stdout) == (0, "")
+    assert_clean(lab, veth)
+
+
+def test_del_after_netns_is_gone(lab: Lab) -> None:
+    pod = lab.pod("a")
+    lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
+    attach_id = attach_id_of(lab, pod)
+    conf = shaper_conf(pod)
+    subprocess.run(["ip", "netns", "del", pod.name], check=True)  # veth pair dies with it
+    inv = lab.exec_shaper("DEL", pod, conf)
+    assert inv.rc == 0, inv.stdout
+    assert view(lab.node).ifbs() == []
+    assert attach_id not in map_ids()
+
+
+def test_del_with_invalid_bandwidth_config_still_cleans(lab: Lab) -> None:
+    pod = lab.pod("a")
+    lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
+    conf = {**shaper_conf(pod), "egressRate": -5}
+    inv = lab.exec_shaper("DEL", pod, conf)
+    assert inv.rc == 0, inv.stdout
+    assert view(lab.node).ifbs() == []
+
+
+@pytest.mark.parametrize("removed", ["ifb", "clsact", "tbf", "map"])
+def test_del_partial_state(lab: Lab, removed: str) -> None:
+    pod = lab.pod("a")
+    lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
+    veth, ifb = host_veth(pod), pod.attachment.result["interfaces"][-1]["name"]
+    attach_id = attach_id_of(lab, pod)
+    if removed == "ifb":
+        lab.run(lab.node, "ip", "link", "del", ifb)
+    elif removed == "clsact":
+        lab.run(lab.node, "tc", "qdisc", "del", "dev", veth, "clsact")
+    elif removed == "tbf":
+        lab.run(lab.node, "tc", "qdisc", "del", "dev", veth, "root")
+    else:
+        fd = bpf.open_map()
+        bpf.map_delete(fd, bpf.attach_key(attach_id))
+        os.close(fd)
+    inv = lab.exec_shaper("DEL", pod, shaper_conf(pod))
+    assert inv.rc == 0, inv.stdout
+    assert_clean(lab, veth)
+    assert attach_id not in map_ids()
+
+
+# ---------------------------------------------------------------- CHECK finds drift
+
+
+def test_check_detects_removed_ifb(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
+    lab.run(lab.node, "ip", "link", "del", att.result["interfaces"][-1]["name"])
+    with pytest.raises(PluginFailed) as err:
+        att.check()
+    assert err.value.error["code"] == 102 and "missing" in err.value.error["msg"]
+
+
+def test_check_detects_changed_qdisc(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000))
+    veth = host_veth(pod)
+    lab.run(lab.node, "tc", "qdisc", "change", "dev", veth, "root", "handle", "b0d0:", "tbf",
+            "rate", "20mbit", "burst", "125000", "limit", "31250")  # fmt: skip
+    with pytest.raises(PluginFailed) as err:
+        att.check()
+    assert err.value.error["code"] == 102
+    assert "rate expected 1250000, actual 2500000" in err.value.error["msg"]
+
+
+def test_check_detects_detached_program(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
+    lab.run(lab.node, "tc", "filter", "del", "dev", host_veth(pod), "ingress", "pref", str(0xB0D))
+    with pytest.raises(PluginFailed) as err:
+        att.check()
+    assert "bpf filter" in err.value.error["msg"] and "missing" in err.value.error["msg"]
+
+
+def test_check_detects_unexpected_shaping(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
+    att.runtime_config = bandwidth(egress=10_000_000)  # ingress no longer configured
+    with pytest.raises(PluginFailed) as err:
+        att.check()
+    assert "no ingress rate is configured" in err.value.error["msg"]
+
+
+# ---------------------------------------------------------------- ADD rolls back
+
+
+@pytest.mark.parametrize("point", ["after-ingress", "after-ifb", "after-map", "after-clsact", "after-filter"])
+def test_add_failure_rolls_back(lab: Lab, point: str) -> None:
+    pod = lab.pod("a")
+    before = map_ids()
+    lab.runtime.extra_env["BWPLUGIN_FAULT"] = point
+    with pytest.raises(PluginFailed) as err:
+        lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
+    lab.runtime.extra_env.clear()
+    assert err.value.plugin == "bwplugin" and err.value.error["code"] == 5
+    assert f"injected fault at {point}" in err.value.error["msg"]
+    kv = view(lab.node)
+    assert kv.ifbs() == []
+    for name, link in kv.links.items():
+        if link["kind"] == "veth":
+            assert kv.tbf(name) is None and not kv.has_clsact(name)
+    assert map_ids() == before
+
+
+def test_foreign_device_with_our_ifb_name_fails_cleanly(lab: Lab) -> None:
+    pod = lab.pod("a")
+    name = ifb_name("bwpt-net", f"{pod.name}-cid", "eth0")
+    lab.run(lab.node, "ip", "link", "add", name, "type", "bridge")
+    with pytest.raises(PluginFailed) as err:
+        lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
+    assert err.value.error["code"] == 101 and name in err.value.error["msg"]
+    kv = view(lab.node)
+    assert kv.links[name]["kind"] == "bridge"  # untouched
+    veths = [n for n, link in kv.links.items() if link["kind"] == "veth"]
+    assert veths and all(kv.tbf(v) is None for v in veths)  # the ingress TBF was rolled back
+
+
+def test_foreign_qdisc_is_never_replaced(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(None))  # ptp only
+    veth = host_veth(pod)
+    lab.run(lab.node, "tc", "qdisc", "add", "dev", veth, "root", "handle", "1:", "htb")
+    conf = plugin_conf(att.conflist, shaper(), att.result, bandwidth(ingress=10_000_000, egress=10_000_000))
+    inv = lab.exec_shaper("ADD", pod, conf)
+    err = json.loads(inv.stdout)
+    assert inv.rc == 1 and err["code"] == 101 and "htb" in err["msg"]
+    kv = view(lab.node)
+    assert [q["kind"] for q in kv.qdiscs[veth] if q["parent"] == 0xFFFFFFFF] == ["htb"]
+    assert kv.ifbs() == []
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_not_a_veth(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(None))
+    lab.run(pod.netns, "ip", "link", "add", "eth9", "type", "ifb")  # this kernel has no dummy
+    conf = plugin_conf(att.conflist, shaper(), att.result, bandwidth(egress=10_000_000))
+    inv = lab.exec_shaper("ADD", pod, conf, ifname="eth9")
+    err = json.loads(inv.stdout)
+    assert inv.rc == 1 and err["code"] == 100 and "not a veth" in err["msg"] and "'eth9'" in err["msg"]
+    assert view(lab.node).ifbs() == []
+
+
+def test_missing_netns_and_interface(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(None))
+    conf = plugin_conf(att.conflist, shaper(), att.result, bandwidth(egress=10_000_000))
+    inv = lab.runtime.exec("bwplugin", "ADD", conf, container_id="c", netns="/run/netns/bwpt-none", ifname="eth0")
+    err = json.loads(inv.stdout)
+    assert err["code"] == 4 and "CNI_NETNS='/run/netns/bwpt-none'" in err["msg"]
+    inv = lab.exec_shaper("ADD", pod, conf, ifname="eth7")
+    err = json.loads(inv.stdout)
+    assert err["code"] == 100 and "'eth7' not found" in err["msg"]
+
+
+def test_bad_config_through_the_executable(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(None))
+    good = plugin_conf(att.conflist, shaper(), att.result, None)
+    cases = [
+        (b"{", 6, "decode"),
+        (json.dumps({**good, "cniVersion": "0.2.0"}).encode(), 1, "0.2.0"),
+        (json.dumps({**good, "ingressRate": 10**6}).encode(), 7, "ingressRate=1000000 is set but ingressBurst"),
+        (json.dumps({**good, "egressRate": "fast", "egressBurst": 1}).encode(), 7, "egressRate must be"),
+        (json.dumps({k: v for k, v in good.items() if k != "prevResult"} | {"egressRate": 10**6, "egressBurst": 10**5}).encode(), 7, "prevResult is required"),  # noqa: E501
+    ]
+    for stdin, code, needle in cases:
+        inv = lab.exec_shaper("ADD", pod, stdin)
+        err = json.loads(inv.stdout)
+        assert (inv.rc, err["code"]) == (1, code) and needle in err["msg"], err
+    assert view(lab.node).ifbs() == []
+
+
+# ---------------------------------------------------------------- GC, STATUS, VERSION
+
+
+def test_gc_removes_only_stale_attachments_of_this_network(lab: Lab) -> None:
+    conflist = lab.conflist(shaper(), "1.1.0")
+    a, b = lab.pod("a"), lab.pod("b")
+    lab.attach(a, conflist, bandwidth(ingress=10_000_000, egress=10_000_000))
+    lab.attach(b, conflist, bandwidth(ingress=10_000_000, egress=10_000_000))
+    b_id, b_veth = attach_id_of(lab, b), host_veth(b)
+    gc_conf = {"cniVersion": "1.1.0", "name": "bwpt-net", "type": "bwplugin"}
+    other = {**gc_conf, "name": "another-net", "cni.dev/valid-attachments": []}
+    assert lab.runtime.exec("bwplugin", "GC", other).rc == 0
+    assert len(view(lab.node).ifbs()) == 2  # other network: untouched
+    valid = [{"containerID": a.attachment.container_id, "ifname": "eth0"}]
+    inv = lab.runtime.exec("bwplugin", "GC", {**gc_conf, "cni.dev/valid-attachments": valid})
+    assert (inv.rc, inv.stdout) == (0, "")
+    kv = view(lab.node)
+    assert kv.ifbs() == [a.attachment.result["interfaces"][-1]["name"]]
+    assert kv.tbf(b_veth) is None and not kv.has_clsact(b_veth)
+    assert b_id not in map_ids()
+    a.attachment.check()
+
+
+def test_status_and_version(lab: Lab) -> None:
+    inv = lab.runtime.exec("bwplugin", "STATUS", {"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"})
+    assert (inv.rc, inv.stdout) == (0, "")
+    inv = lab.runtime.exec("bwplugin", "VERSION", {"cniVersion": "1.0.0"})
+    assert inv.rc == 0 and json.loads(inv.stdout)["supportedVersions"][-1] == "1.1.0"
+
+
+# ---------------------------------------------------------------- traffic
+
+
+def test_traffic_is_shaped_both_directions(lab: Lab) -> None:
+    conflist = lab.conflist(shaper())
+    peer, pod = lab.pod("peer"), lab.pod("a")
+    lab.attach(peer, conflist)
+    rates = {"ingress": 20_000_000, "egress": 10_000_000}
+    att = lab.attach(pod, conflist, bandwidth(ingress=rates["ingress"], egress=rates["egress"]))
+    lab.iperf_server(peer)
+    devices = {"ingress": host_veth(pod), "egress": att.result["interfaces"][-1]["name"]}
+    for direction, dev in devices.items():
+        with Sampler(lab.node, [dev]) as s:
+            result = lab.iperf(pod, peer, seconds=3, reverse=direction == "ingress")
+        wire = s.steady_rate(dev)
+        assert abs(wire / rates[direction] - 1) < 0.03, (direction, wire)
+        goodput = iperf_goodput(result) / rates[direction]
+        assert 0.90 * TCP_GOODPUT_CEILING < goodput < 1.01 * TCP_GOODPUT_CEILING, (direction, goodput)
+
+
+def test_unshaped_pod_is_not_limited(lab: Lab) -> None:
+    conflist = lab.conflist(shaper())
+    peer, pod = lab.pod("peer"), lab.pod("a")
+    lab.attach(peer, conflist)
+    lab.attach(pod, conflist, bandwidth(ingress=10_000_000))
+    lab.iperf_server(peer)
+    egress = iperf_goodput(lab.iperf(pod, peer, seconds=2))
+    assert egress > 100_000_000  # only ingress is shaped: egress runs at veth speed

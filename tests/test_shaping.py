@@ -1,0 +1,68 @@
+"""TBF sizing policy: pure."""
+
+from bwplugin.config import Direction, Policy
+from bwplugin.shaping import GSO_MAX, burst_floor, queue_floor, tbf_params
+
+CONTAINERD_BURST = 4294967295
+CRIO_BURST = 34359738359
+
+
+def test_runtime_default_burst_is_capped_to_max_burst_ms():
+    p = tbf_params(Direction(10_000_000, CONTAINERD_BURST), Policy())
+    assert p.rate == 1_250_000
+    assert p.requested_burst == 536_870_911
+    assert p.burst == 12_500  # 10 ms at 10 Mbit/s
+    assert p.burst_capped and not p.burst_raised
+
+
+def test_crio_burst_is_capped_too():
+    p = tbf_params(Direction(100_000_000, CRIO_BURST), Policy())
+    assert p.burst == 125_000 and p.burst_capped
+
+
+def test_cap_disabled_keeps_the_configured_burst():
+    p = tbf_params(Direction(10_000_000, CONTAINERD_BURST), Policy(max_burst_ms=0))
+    assert p.burst == 536_870_911 and not p.burst_capped
+
+
+def test_queue_is_bounded_by_latency_not_burst():
+    p = tbf_params(Direction(100_000_000, CONTAINERD_BURST), Policy(latency_ms=25))
+    assert p.limit == 312_500  # 25 ms at 12.5 MB/s, whatever the burst
+    assert abs(p.queue_delay_ms - 25) < 1e-9
+
+
+def test_small_burst_is_raised_to_a_few_frames_and_gso_at_high_rates():
+    low = tbf_params(Direction(1_000_000, 8), Policy())
+    assert low.burst == burst_floor(125_000, 1500) == 4 * 1514 and low.burst_raised
+    high = tbf_params(Direction(10_000_000_000, 8 * 1000), Policy())
+    assert high.burst == GSO_MAX
+
+
+def test_queue_floor_at_low_rates():
+    p = tbf_params(Direction(1_000_000, 100_000), Policy(latency_ms=1))
+    assert p.limit == queue_floor(1500) == 16 * 1514
+
+
+def test_queue_holds_two_unsegmented_gso_packets():
+    # a 100 ms bucket at 10 Mbit/s (125 KB) passes 64 KB GSO packets whole: the
+    # 25 ms queue (31 KB) could never hold one, so the floor lifts it
+    p = tbf_params(Direction(10_000_000, CONTAINERD_BURST), Policy(max_burst_ms=100))
+    assert p.limit == 2 * (65536 + 1514)
+    # with the default 10 ms bucket TBF segments instead, and 25 ms stands
+    assert tbf_params(Direction(10_000_000, CONTAINERD_BURST), Policy()).limit == 31_250
+
+
+def test_64_bit_rates_are_exact():
+    p = tbf_params(Direction(100 * 10**9, 10**9), Policy())
+    assert p.rate == 12_500_000_000  # > 2^32 bytes/s: needs TCA_TBF_RATE64
+
+
+def test_buffer_ticks_match_kernel_units():
+    # 125000 B at 1.25 MB/s = 100 ms = 1_562_500 ticks of 64 ns
+    p = tbf_params(Direction(10_000_000, CONTAINERD_BURST), Policy(max_burst_ms=100))
+    assert p.buffer_ticks == 1_562_500
+
+
+def test_jumbo_mtu_floors_scale():
+    p = tbf_params(Direction(1_000_000, 8), Policy(), mtu=9000)
+    assert p.burst == 4 * 9014
