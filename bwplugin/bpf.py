@@ -5,6 +5,7 @@ other ADD/DEL/CHECK reuses the pinned program and map through plain syscalls."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -191,10 +192,8 @@ class Program:
 
     def close(self) -> None:
         for fd in (self.prog_fd, self.map_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def map_path() -> Path:
@@ -274,17 +273,15 @@ def _unpin_old_programs(keep: Path) -> None:
     """Older versions' pins; filters that run them keep them alive until DEL."""
     for old in pin_dir().glob("egress_*"):
         if old != keep:
-            try:
+            with contextlib.suppress(OSError):
                 old.unlink()
-            except OSError:
-                pass
 
 
 class _stderr_to_tempfile:
     """bcc's C side prints noise ("modprobe: not found") on fd 2, which would reach
     the runtime's logs; keep it, and show it only if compilation fails."""
 
-    def __enter__(self) -> "_stderr_to_tempfile":
+    def __enter__(self) -> _stderr_to_tempfile:
         self.file = tempfile.TemporaryFile(mode="w+")
         self.saved = os.dup(2)
         os.dup2(self.file.fileno(), 2)

@@ -7,7 +7,8 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import plugin
 from .config import (

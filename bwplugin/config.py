@@ -5,9 +5,11 @@ Nothing here touches the kernel; every error names the field and the value."""
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import DecodeError, IncompatibleVersionError, InvalidConfigError, InvalidEnvError
 
@@ -223,15 +225,14 @@ def uint_field(key: str, value: Any, maximum: int) -> int:
     """A non-negative integer (JSON ints, or floats with no fraction) up to maximum."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidConfigError(f"{key} must be a non-negative integer, got {value!r}")
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")) or not value.is_integer():
-            raise InvalidConfigError(f"{key} must be a non-negative integer, got {value!r}")
-        value = int(value)
-    if value < 0:
-        raise InvalidConfigError(f"{key} must be a non-negative integer, got {value}")
-    if value > maximum:
-        raise InvalidConfigError(f"{key}={value} exceeds the maximum of {maximum}")
-    return value
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise InvalidConfigError(f"{key} must be a non-negative integer, got {value!r}")
+    number = int(value)
+    if number < 0:
+        raise InvalidConfigError(f"{key} must be a non-negative integer, got {number}")
+    if number > maximum:
+        raise InvalidConfigError(f"{key}={number} exceeds the maximum of {maximum}")
+    return number
 
 
 def _number_field(key: str, value: Any, low: float, high: float) -> float:

@@ -7,6 +7,7 @@ Leaving the context removes all of it, even after a failure."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -56,7 +57,7 @@ class Lab:
 
     # ------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{self.tag}-"))
         self.bin_dir = self.tmp / "bin"
         self.bin_dir.mkdir()
@@ -79,10 +80,8 @@ class Lab:
             proc.wait()
         for pod in reversed(self.pods):
             if pod.attachment is not None:  # even a failed ADD gets its DEL, as runtimes do
-                try:
+                with contextlib.suppress(Exception):
                     pod.attachment.delete()
-                except Exception:
-                    pass
         self._purge_map_entries()
         for name in [p.name for p in self.pods] + [self.node_name]:
             if os.path.exists(f"{NETNS_DIR}/{name}"):
@@ -144,9 +143,7 @@ class Lab:
         ifname: str = "eth0",
         container_id: str | None = None,
     ) -> Attachment:
-        att = Attachment(
-            self.runtime, conflist, container_id or f"{pod.name}-cid", pod.netns, ifname, runtime_config
-        )
+        att = Attachment(self.runtime, conflist, container_id or f"{pod.name}-cid", pod.netns, ifname, runtime_config)
         pod.attachment = att
         att.add()
         return att

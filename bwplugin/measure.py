@@ -50,7 +50,7 @@ class Sampler:
             self._sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self.t0 = time.monotonic()
         self._thread.start()
         return self

@@ -13,8 +13,8 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 NETLINK_ROUTE = 0
 NETLINK_CAP_ACK = 10
@@ -195,7 +195,7 @@ class Netlink:
         self.seq = 0
 
     @classmethod
-    def in_netns(cls, path: str) -> "Netlink":
+    def in_netns(cls, path: str) -> Netlink:
         """A socket inside the netns at `path`. setns() runs in a helper thread, so this
         process's own threads never leave their namespace."""
         result: list[socket.socket | BaseException] = []
@@ -223,7 +223,7 @@ class Netlink:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Netlink":
+    def __enter__(self) -> Netlink:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,9 +6,10 @@ import importlib.util
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import bpf, tc
 from .config import Direction, Env, NetConf, Policy
@@ -24,7 +25,7 @@ from .errors import (
     NotAvailableError,
 )
 from .naming import IFB_PREFIX, IfbLabel, format_alias, ifb_name, network_tag, parse_alias
-from .netlink import Link, Netlink
+from .netlink import Link, Netlink, TcObject
 from .protocol import convert_result, host_interface_names, version_at_least, with_interface
 from .shaping import TBFParams, tbf_params
 
@@ -95,8 +96,7 @@ def find_host_veth(nl: Netlink, env: Env, result: dict[str, Any] | None) -> Host
     host = nl.link(index=link.peer_index)
     if host is None or host.kind != "veth" or host.peer_index != link.index:
         raise HostInterfaceError(
-            f"the host-side peer of {env.ifname!r} (ifindex {link.peer_index}) is not in this "
-            "network namespace"
+            f"the host-side peer of {env.ifname!r} (ifindex {link.peer_index}) is not in this network namespace"
         )
     names = host_interface_names(result) if result else []
     if names and host.name not in names:
@@ -295,9 +295,9 @@ def cmd_check(env: Env, conf: NetConf) -> None:
         raise CheckMismatchError("shaping state does not match the config: " + "; ".join(problems))
 
 
-def _check_tbf(problems: list[str], what: str, q: object, want: TBFParams) -> None:
-    if not isinstance(q, tc.TcObject) or not tc.is_our_tbf(q):
-        kind = q.kind if isinstance(q, tc.TcObject) else "none"
+def _check_tbf(problems: list[str], what: str, q: TcObject | None, want: TBFParams) -> None:
+    if q is None or not tc.is_our_tbf(q):
+        kind = q.kind if q is not None else "none"
         problems.append(f"{what}: expected bwplugin's tbf b0d0:, found {kind}")
         return
     got = tc.tbf_state(q)

@@ -52,9 +52,7 @@ def interfaces(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def host_interface_names(result: dict[str, Any]) -> list[str]:
     """Interfaces the previous plugin created in the host namespace (no sandbox)."""
-    return [
-        i["name"] for i in interfaces(result) if isinstance(i.get("name"), str) and not i.get("sandbox")
-    ]
+    return [i["name"] for i in interfaces(result) if isinstance(i.get("name"), str) and not i.get("sandbox")]
 
 
 def with_interface(result: dict[str, Any], name: str, mac: str) -> dict[str, Any]:

@@ -39,7 +39,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.bwplugin-deps"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]"
+  # (this image points pip at an extra local index that may be absent: hide those warnings)
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]" 2> >(grep -v "^WARNING: Location" >&2)
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

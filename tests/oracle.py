@@ -54,7 +54,10 @@ def view(netns: str) -> KernelView:
                 opts = f.get_attr("TCA_OPTIONS")
                 if f.get_attr("TCA_KIND") == "bpf" and opts:
                     out.filters.setdefault(name, []).append(
-                        {"name": opts.get_attr("TCA_BPF_NAME"), "classid": opts.get_attr("TCA_BPF_CLASSID"),
-                         "flags": opts.get_attr("TCA_BPF_FLAGS")}
+                        {
+                            "name": opts.get_attr("TCA_BPF_NAME"),
+                            "classid": opts.get_attr("TCA_BPF_CLASSID"),
+                            "flags": opts.get_attr("TCA_BPF_FLAGS"),
+                        }
                     )
     return out

@@ -98,8 +98,8 @@ def test_no_bandwidth_anywhere():
 @pytest.mark.parametrize(
     "bw, needle",
     [
-        ({"ingressRate": 10**6}, "runtimeConfig.bandwidth.ingressRate=1000000 is set but runtimeConfig.bandwidth.ingressBurst"),
-        ({"egressBurst": 10**6}, "runtimeConfig.bandwidth.egressBurst=1000000 is set but runtimeConfig.bandwidth.egressRate"),
+        ({"ingressRate": 10**6}, "bandwidth.ingressRate=1000000 is set but runtimeConfig.bandwidth.ingressBurst"),
+        ({"egressBurst": 10**6}, "bandwidth.egressBurst=1000000 is set but runtimeConfig.bandwidth.egressRate"),
         ({"ingressRate": -1, "ingressBurst": 1}, "ingressRate must be a non-negative integer, got -1"),
         ({"ingressRate": "10M", "ingressBurst": 1}, "ingressRate must be a non-negative integer, got '10M'"),
         ({"ingressRate": True, "ingressBurst": 1}, "got True"),

@@ -359,7 +359,13 @@ def test_bad_config_through_the_executable(lab: Lab) -> None:
         (json.dumps({**good, "cniVersion": "0.2.0"}).encode(), 1, "0.2.0"),
         (json.dumps({**good, "ingressRate": 10**6}).encode(), 7, "ingressRate=1000000 is set but ingressBurst"),
         (json.dumps({**good, "egressRate": "fast", "egressBurst": 1}).encode(), 7, "egressRate must be"),
-        (json.dumps({k: v for k, v in good.items() if k != "prevResult"} | {"egressRate": 10**6, "egressBurst": 10**5}).encode(), 7, "prevResult is required"),  # noqa: E501
+        (
+            json.dumps(
+                {k: v for k, v in good.items() if k != "prevResult"} | {"egressRate": 10**6, "egressBurst": 10**5}
+            ).encode(),
+            7,
+            "prevResult is required",
+        ),  # noqa: E501
     ]
     for stdin, code, needle in cases:
         inv = lab.exec_shaper("ADD", pod, stdin)
