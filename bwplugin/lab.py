@@ -42,12 +42,21 @@ class Pod:
         return str(self.attachment.result["ips"][0]["address"]).split("/")[0]
 
 
+def remove_pin_dir(path: str) -> None:
+    """Unpin (attached programs live on until their filters go) and remove the dir."""
+    pins = Path(path)
+    if pins.is_dir():
+        for pin in pins.iterdir():
+            pin.unlink()
+        pins.rmdir()
+
+
 def ip_netns(*args: str) -> None:
     subprocess.run(["ip", "netns", *args], check=True, capture_output=True)
 
 
 class Lab:
-    def __init__(self, subnet: str = "10.234.0.0/24", keep_bpf_entries: bool = False) -> None:
+    def __init__(self, subnet: str = "10.234.0.0/24") -> None:
         self.tag = secrets.token_hex(3)
         self.subnet = subnet
         self.pods: list[Pod] = []
@@ -70,7 +79,14 @@ class Lab:
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        self.runtime = Runtime([str(self.bin_dir)], node_netns=self.node)
+        # pins go to a private bpffs directory (shared by a whole test session when
+        # BWPLUGIN_PIN_DIR is already set), never the node's real one
+        self.own_pins = "BWPLUGIN_PIN_DIR" not in os.environ
+        if self.own_pins:
+            os.environ["BWPLUGIN_PIN_DIR"] = f"{bpf.BPFFS}/{PREFIX}-{self.tag}"
+        self.runtime = Runtime(
+            [str(self.bin_dir)], node_netns=self.node, extra_env={"BWPLUGIN_PIN_DIR": os.environ["BWPLUGIN_PIN_DIR"]}
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -87,6 +103,8 @@ class Lab:
             if os.path.exists(f"{NETNS_DIR}/{name}"):
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if getattr(self, "own_pins", False):
+            remove_pin_dir(os.environ.pop("BWPLUGIN_PIN_DIR"))
 
     def _purge_map_entries(self) -> None:
         """Map entries of ifbs still in this node namespace (a DEL that failed) would
@@ -107,6 +125,16 @@ class Lab:
 
     # ------------------------------------------------------------ pods
 
+    def remove_pod(self, pod: Pod) -> None:
+        """DEL its attachment (as a runtime would) and delete its namespace."""
+        try:
+            if pod.attachment is not None:
+                pod.attachment.delete()
+        finally:
+            pod.attachment = None
+            subprocess.run(["ip", "netns", "del", pod.name], capture_output=True)
+            self.pods.remove(pod)
+
     def pod(self, name: str) -> Pod:
         full = f"{PREFIX}-{self.tag}-{name}"
         ip_netns("add", full)
@@ -116,14 +144,19 @@ class Lab:
         return pod
 
     def conflist(
-        self, shaper: dict[str, Any] | None, version: str = "1.0.0", name: str = "bwpt-net", mtu: int = 0
+        self,
+        shaper: dict[str, Any] | None,
+        version: str = "1.0.0",
+        name: str = "bwpt-net",
+        mtu: int = 0,
+        subnet: str | None = None,
     ) -> dict[str, Any]:
         ptp: dict[str, Any] = {
             "type": "ptp",
             "ipMasq": False,
             "ipam": {
                 "type": "host-local",
-                "subnet": self.subnet,
+                "subnet": subnet or self.subnet,
                 "dataDir": str(self.tmp / "ipam"),
                 "routes": [{"dst": "0.0.0.0/0"}],
             },

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ class Invocation:
     rc: int
     stdout: str
     stderr: str
-    seconds: float
+    seconds: float  # wall time, exec to exit
+    cpu_seconds: float = 0.0  # user + system time of the plugin process
 
     @property
     def json(self) -> dict[str, Any] | None:
@@ -82,6 +84,7 @@ class Runtime:
             environ["CNI_ARGS"] = args
         data = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
         node = self.node_netns
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run(
             [self.find(plugin_type)],
@@ -92,7 +95,9 @@ class Runtime:
             timeout=120,
         )
         elapsed = time.perf_counter() - start
-        return Invocation(proc.returncode, proc.stdout.decode(), proc.stderr.decode(), elapsed)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # exact while calls are sequential
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return Invocation(proc.returncode, proc.stdout.decode(), proc.stderr.decode(), elapsed, cpu)
 
 
 def plugin_conf(
@@ -133,6 +138,7 @@ class Attachment:
             plugin["type"], command, conf, container_id=self.container_id, netns=self.netns, ifname=self.ifname
         )
         self.timings[f"{plugin['type']}:{command}"] = inv.seconds
+        self.timings[f"{plugin['type']}:{command}:cpu"] = inv.cpu_seconds
         if inv.rc != 0:
             raise PluginFailed(plugin["type"], command, inv.rc, _maybe_json(inv.stdout), inv.stderr)
         return inv

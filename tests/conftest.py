@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bwplugin.lab import Lab
+from bwplugin.lab import Lab, remove_pin_dir
 
 REQUIRE = os.environ.get("BWPLUGIN_REQUIRE_KERNEL") == "1"
 
@@ -24,6 +24,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kernel" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_pins() -> Iterator[None]:
+    """One private bpffs pin directory for the session: the program compiles once,
+    and nothing is left in the node's real /sys/fs/bpf/bwplugin."""
+    if os.geteuid() != 0:
+        yield
+        return
+    path = f"/sys/fs/bpf/bwpt-test-{os.getpid()}"
+    os.environ["BWPLUGIN_PIN_DIR"] = path
+    try:
+        yield
+    finally:
+        remove_pin_dir(os.environ.pop("BWPLUGIN_PIN_DIR"))
 
 
 @pytest.fixture

@@ -408,6 +408,9 @@ def test_status_and_version(lab: Lab) -> None:
 
 
 def test_traffic_is_shaped_both_directions(lab: Lab) -> None:
+    """UDP sent at 1.5x the rate keeps the shaper backlogged: the wire rate must be the
+    configured rate. TCP must never exceed it; below it, TCP against a tail-drop queue
+    may lose a little to loss recovery (a rare retransmit timeout), so that side is looser."""
     conflist = lab.conflist(shaper())
     peer, pod = lab.pod("peer"), lab.pod("a")
     lab.attach(peer, conflist)
@@ -416,12 +419,16 @@ def test_traffic_is_shaped_both_directions(lab: Lab) -> None:
     lab.iperf_server(peer)
     devices = {"ingress": host_veth(pod), "egress": att.result["interfaces"][-1]["name"]}
     for direction, dev in devices.items():
+        rate = rates[direction]
+        with Sampler(lab.node, [dev]) as s:
+            lab.iperf(pod, peer, seconds=3, reverse=direction == "ingress", udp_rate=rate * 3 // 2)
+        assert abs(s.steady_rate(dev) / rate - 1) < 0.02, (direction, "udp", s.steady_rate(dev))
         with Sampler(lab.node, [dev]) as s:
             result = lab.iperf(pod, peer, seconds=3, reverse=direction == "ingress")
-        wire = s.steady_rate(dev)
-        assert abs(wire / rates[direction] - 1) < 0.03, (direction, wire)
-        goodput = iperf_goodput(result) / rates[direction]
-        assert 0.90 * TCP_GOODPUT_CEILING < goodput < 1.01 * TCP_GOODPUT_CEILING, (direction, goodput)
+        wire = s.steady_rate(dev) / rate
+        assert 0.85 < wire < 1.02, (direction, "tcp wire", wire)
+        goodput = iperf_goodput(result) / (rate * TCP_GOODPUT_CEILING)
+        assert 0.85 < goodput < 1.04, (direction, "tcp goodput / ceiling", goodput)
 
 
 def test_unshaped_pod_is_not_limited(lab: Lab) -> None:

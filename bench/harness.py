@@ -1,0 +1,94 @@
+"""One lab holding an unshaped peer pod, and fresh pods shaped by either plugin."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from bwplugin.lab import Lab, Pod
+
+PLUGINS = {
+    "bwplugin": {"type": "bwplugin", "capabilities": {"bandwidth": True}},
+    "reference": {"type": "bandwidth", "capabilities": {"bandwidth": True}},  # Debian's Go plugin
+}
+SUBNETS = {"peer": "10.234.0.0/24", "bwplugin": "10.234.4.0/22", "reference": "10.234.8.0/22"}
+CONTAINERD_BURST = 4294967295  # bits: what containerd sends for both bursts
+CRIO_BURST = 34359738359
+MEASURE_PORT, LOAD_PORT = 5201, 5202
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bandwidth(ingress: int = 0, egress: int = 0, burst: int = CONTAINERD_BURST) -> dict[str, Any]:
+    bw: dict[str, Any] = {}
+    if ingress:
+        bw.update(ingressRate=ingress, ingressBurst=burst)
+    if egress:
+        bw.update(egressRate=egress, egressBurst=burst)
+    return {"bandwidth": bw}
+
+
+@dataclass
+class Shaped:
+    pod: Pod
+    veth: str  # host side: carries the ingress TBF
+    ifb: str | None  # carries the egress TBF
+
+    def device(self, direction: str) -> str:
+        dev = self.veth if direction == "ingress" else self.ifb
+        assert dev is not None
+        return dev
+
+
+class Bench:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.count = 0
+        self.conflists = {
+            name: lab.conflist(conf, name=f"bwpt-{name}", subnet=SUBNETS[name]) for name, conf in PLUGINS.items()
+        }
+        self.peer = lab.pod("peer")
+        lab.attach(self.peer, lab.conflist(None, name="bwpt-peer", subnet=SUBNETS["peer"]))
+        lab.iperf_server(self.peer, MEASURE_PORT)
+        lab.iperf_server(self.peer, LOAD_PORT)
+
+    def add(self, plugin: str, runtime_config: dict[str, Any] | None) -> Shaped:
+        self.count += 1
+        pod = self.lab.pod(f"{plugin[:3]}{self.count}")
+        att = self.lab.attach(pod, self.conflists[plugin], runtime_config)
+        ifaces = att.result["interfaces"] if att.result else []
+        veth = next(i["name"] for i in ifaces if i["name"].startswith("veth"))
+        ifb = next((i["name"] for i in ifaces if i["name"].startswith("bwp")), None)
+        return Shaped(pod, veth, ifb)
+
+    @contextlib.contextmanager
+    def shaped(self, plugin: str, **bw: int) -> Iterator[Shaped]:
+        shaped = self.add(plugin, bandwidth(**bw))
+        try:
+            yield shaped
+        finally:
+            self.lab.remove_pod(shaped.pod)
+
+    def iperf(self, pod: Pod, **kw: Any) -> dict[str, Any]:
+        """iperf3 to the peer, retried once if the server is still busy with a previous test."""
+        for attempt in range(3):
+            try:
+                return self.lab.iperf(pod, self.peer, port=MEASURE_PORT, **kw)
+            except subprocess.CalledProcessError as exc:
+                if attempt == 2:
+                    raise RuntimeError(f"iperf3 failed: {exc.stdout[-500:] if exc.stdout else exc}") from exc
+                time.sleep(1)
+        raise AssertionError("unreachable")
+
+
+def order(i: int) -> list[str]:
+    """Alternate which plugin goes first so drift in machine load hits both alike."""
+    names = list(PLUGINS)
+    return names if i % 2 == 0 else names[::-1]

@@ -1,0 +1,210 @@
+"""Markdown tables and a PNG plot from a benchmark result."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Any
+
+PLUGINS = ("bwplugin", "reference")
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{_med(xs):.3f}" + (f" ({min(xs):.3f}–{max(xs):.3f})" if len(xs) > 1 else "")
+
+
+def _cpu(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
+    return f"{_med(xs):.2f}" if xs else "–"
+
+
+def _mbit(bps: float) -> str:
+    return f"{bps / 1e6:g}"
+
+
+def accuracy_table(rows: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[int, str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["rate"], r["direction"], r["proto"])][r["plugin"]].append(r)
+    out = [
+        "| rate Mbit/s | direction | proto | wire/conf bwplugin | wire/conf reference | goodput/ceiling bwplugin "
+        "| goodput/ceiling reference | 1-s swing bwplugin | 1-s swing reference | CPU s/Gbit bwplugin "
+        "| CPU s/Gbit reference |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (rate, direction, proto), by in sorted(groups.items()):
+
+        def col(key: str, plugin: str, by: dict[str, list[dict[str, Any]]] = by) -> list[float]:
+            return [r[key] for r in by.get(plugin, [])]
+
+        out.append(
+            f"| {_mbit(rate)} | {direction} | {proto} | "
+            + " | ".join(_spread(col("wire_ratio", p)) for p in PLUGINS)
+            + " | "
+            + " | ".join(_spread(col("goodput_ratio", p)) for p in PLUGINS)
+            + " | "
+            + " | ".join(f"{_med(col('swing', p)):.3f}" for p in PLUGINS)
+            + " | "
+            + " | ".join(_cpu(col("cpu_s_per_gbit", p)) for p in PLUGINS)
+            + " |"
+        )
+    return "\n".join(out)
+
+
+def burst_table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| burst sent | plugin | first 100 ms × rate | first 1 s × rate | first 2 s × rate | within rate·t + burst |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ok = all(r[f"within_bound_{t}s"] for t in ("0.1", "1", "2"))
+        out.append(
+            f"| {r['burst_label']} ({r['burst_bits']} bit) at {_mbit(r['rate'])} Mbit/s | {r['plugin']} | "
+            f"{r['overshoot_0.1s']:.2f} | {r['overshoot_1s']:.2f} | {r['overshoot_2s']:.2f} | {'yes' if ok else 'no'} |"
+        )
+    return "\n".join(out)
+
+
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| rate Mbit/s | loaded direction | plugin | idle RTT p50 ms | loaded RTT p50 ms | loaded RTT p99 ms "
+        "| ping loss |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {_mbit(r['rate'])} | {r['direction']} | {r['plugin']} | {r['idle_p50_ms']:.3f} | "
+            f"{r['loaded_p50_ms']:.1f} | {r['loaded_p99_ms']:.1f} | {r['ping_loss']:.0%} |"
+        )
+    return "\n".join(out)
+
+
+def fairness_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| flows | rate Mbit/s | plugin | Jain index | total/conf |", "|---:|---:|---|---:|---:|"]
+    for r in rows:
+        out.append(
+            f"| {r['flows']} | {_mbit(r['rate'])} | {r['plugin']} | {r['jain']:.3f} "
+            f"| {r['total_bps'] / r['rate']:.3f} |"
+        )
+    return "\n".join(out)
+
+
+def _p(xs: list[float], q: float) -> float:
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| phase | plugin | pods | ADD p50 ms | ADD p95 ms | ADD CPU p50 ms | DEL p50 ms | DEL p95 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        dels = r.get("del_ms", [])
+        out.append(
+            f"| {r['phase']} | {r['plugin']} | {len(r['add_ms'])} | {_p(r['add_ms'], 50):.1f} "
+            f"| {_p(r['add_ms'], 95):.1f} | "
+            f"{_p(r.get('cpu_ms', []), 50):.1f} | {_p(dels, 50):.1f} | {_p(dels, 95):.1f} |"
+        )
+    return "\n".join(out)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    parts = [
+        f"### bwplugin vs reference `bandwidth` — profile `{meta['profile']}`",
+        f"Measured {meta['date']} on {meta['machine']} (kernel {meta['kernel']}, {meta['cpus']} CPUs), "
+        f"reference: `{meta['reference']}`. Interleaved runs; runtime bursts are containerd's "
+        f"{result['meta']['containerd_burst']} bits unless stated.",
+    ]
+    for title, key, fn in (
+        ("Steady-state accuracy", "accuracy", accuracy_table),
+        ("Burst conformance (ingress, TCP)", "bursts", burst_table),
+        ("Latency under load (ping from the pod while one bulk TCP flow saturates a direction)", "latency",
+         latency_table),
+        ("Fairness (egress, parallel TCP flows in one pod)", "fairness", fairness_table),
+        ("Cost of ADD and DEL (shaping plugin alone, both directions shaped)", "cost", cost_table),
+    ):  # fmt: skip
+        if result.get(key):
+            parts += [f"#### {title}", fn(result[key])]
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    colors = {"bwplugin": "tab:blue", "reference": "tab:orange"}
+    meta = result["meta"]
+    fig.suptitle(
+        f"bwplugin vs reference bandwidth plugin — {meta['profile']} profile, {meta['date']}, {meta['machine']}"
+    )
+
+    ax = axes[0][0]
+    series: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
+    for r in result.get("accuracy", []):
+        series[(r["plugin"], r["direction"], r["proto"])].append((r["rate"] / 1e6, r["wire_bps"] / 1e6))
+    for (plugin, direction, proto), pts in sorted(series.items()):
+        pts.sort()
+        style = "-" if direction == "ingress" else "--"
+        marker = "o" if proto == "tcp" else "s"
+        ax.plot(*zip(*pts, strict=True), style, marker=marker, color=colors[plugin], alpha=0.8,
+                label=f"{plugin} {direction} {proto}")  # fmt: skip
+    if series:
+        lo = min(p[0] for pts in series.values() for p in pts)
+        hi = max(p[0] for pts in series.values() for p in pts)
+        ax.plot([lo, hi], [lo, hi], ":", color="grey", label="configured")
+    ax.set(xscale="log", yscale="log", xlabel="configured Mbit/s", ylabel="achieved on the wire, Mbit/s",
+           title="Steady-state rate (tc byte counters)")  # fmt: skip
+    ax.legend(fontsize=7)
+
+    ax = axes[0][1]
+    for r in result.get("bursts", []):
+        if r["burst_label"] != "containerd":
+            continue
+        ts, bs = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
+        ax.plot(ts, [b / 1e6 for b in bs], color=colors[r["plugin"]], label=f"{r['plugin']} (containerd burst)")
+        ax.plot([0, 2], [0, r["rate"] / 8 * 2 / 1e6], ":", color="grey")
+    ax.set(xlabel="seconds after the flow starts", ylabel="MB passed", yscale="symlog",
+           title="First 2 s of a TCP flow (dotted: rate × t)")  # fmt: skip
+    ax.legend(fontsize=8)
+
+    ax = axes[1][0]
+    lat = result.get("latency", [])
+    labels = sorted({(r["rate"], r["direction"]) for r in lat})
+    width = 0.38
+    for i, plugin in enumerate(PLUGINS):
+        p50 = [next((r["loaded_p50_ms"] for r in lat if r["plugin"] == plugin and (r["rate"], r["direction"]) == lb),
+                    float("nan")) for lb in labels]  # fmt: skip
+        p99 = [next((r["loaded_p99_ms"] for r in lat if r["plugin"] == plugin and (r["rate"], r["direction"]) == lb),
+                    float("nan")) for lb in labels]  # fmt: skip
+        xs = [j + (i - 0.5) * width for j in range(len(labels))]
+        ax.bar(xs, p99, width, color=colors[plugin], alpha=0.35, label=f"{plugin} p99")
+        ax.bar(xs, p50, width, color=colors[plugin], label=f"{plugin} p50")
+    ax.set_xticks(range(len(labels)), [f"{_mbit(r)} Mb {d}" for r, d in labels])
+    ax.set(yscale="log", ylabel="ping RTT under load, ms", title="Latency under load")
+    ax.legend(fontsize=8)
+
+    ax = axes[1][1]
+    cost = [r for r in result.get("cost", []) if "del_ms" in r]
+    phases = sorted({r["phase"] for r in cost})
+    for i, plugin in enumerate(PLUGINS):
+        adds = [_p(next(r["add_ms"] for r in cost if r["plugin"] == plugin and r["phase"] == ph), 50) for ph in phases]
+        dels = [_p(next(r["del_ms"] for r in cost if r["plugin"] == plugin and r["phase"] == ph), 50) for ph in phases]
+        xs = [j * 2 + i * 0.4 for j in range(len(phases))]
+        ax.bar(xs, adds, 0.4, color=colors[plugin], label=f"{plugin} ADD p50")
+        ax.bar([x + 0.9 for x in xs], dels, 0.4, color=colors[plugin], alpha=0.5, hatch="//", label=f"{plugin} DEL p50")
+    ax.set_xticks([j * 2 + 0.65 for j in range(len(phases))], phases)
+    ax.set(ylabel="ms", title="ADD / DEL wall time (p50)")
+    ax.legend(fontsize=8)
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+"""Run a benchmark profile and write <out>/<profile>.{json,md,png}.
+
+python -m bench --profile quick       # a few minutes
+python -m bench --profile full        # longer: more rates, repeats and pods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bwplugin.lab import Lab
+
+from . import report, scenarios
+from .harness import CONTAINERD_BURST, CRIO_BURST, Bench, progress
+
+M = 1_000_000
+RUNTIME_BURSTS = {"containerd": CONTAINERD_BURST, "cri-o": CRIO_BURST, "small": 80_000}
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "accuracy": {"rates": [10 * M], "protos": ["tcp"], "repeats": 1, "seconds": 1},
+        "bursts": {"rate": 10 * M, "burst_sets": {"containerd": CONTAINERD_BURST}},
+        "latency": {"rates": [10 * M], "count": 20},
+        "fairness": {"rate": 10 * M, "flow_counts": [4], "seconds": 1},
+        "cost": {"pods": 3, "background": 0},
+    },
+    "quick": {
+        "accuracy": {"rates": [1 * M, 10 * M, 100 * M, 1000 * M], "protos": ["tcp", "udp"], "repeats": 1, "seconds": 3},
+        "bursts": {"rate": 10 * M, "burst_sets": RUNTIME_BURSTS},
+        "latency": {"rates": [10 * M, 100 * M], "count": 60},
+        "fairness": {"rate": 100 * M, "flow_counts": [4, 16], "seconds": 3},
+        "cost": {"pods": 20, "background": 200},
+    },
+    "full": {
+        "accuracy": {
+            "rates": [1 * M, 10 * M, 100 * M, 1000 * M, 2000 * M, 5000 * M],
+            "protos": ["tcp", "udp"],
+            "repeats": 3,
+            "seconds": 5,
+        },
+        "bursts": {"rate": 10 * M, "burst_sets": RUNTIME_BURSTS},
+        "latency": {"rates": [10 * M, 100 * M, 1000 * M], "count": 100},
+        "fairness": {"rate": 100 * M, "flow_counts": [4, 16], "seconds": 5},
+        "cost": {"pods": 50, "background": 500},
+    },
+}
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown CPU"
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ref = subprocess.run(["/usr/lib/cni/bandwidth"], capture_output=True, text=True, env={"CNI_COMMAND": "VERSION"})
+    version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "containernetworking-plugins"],
+                             capture_output=True, text=True).stdout  # fmt: skip
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{model}",
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "reference": f"/usr/lib/cni/bandwidth, Debian containernetworking-plugins {version}".strip()
+        + ("" if ref.returncode == 0 else " (VERSION failed)"),
+        "containerd_burst": CONTAINERD_BURST,
+    }
+
+
+def run(profile: str, out: Path, only: list[str] | None = None) -> dict[str, Any]:
+    spec = PROFILES[profile]
+    result: dict[str, Any] = {"meta": {"profile": profile, **machine()}}
+    started = time.monotonic()
+    with Lab() as lab:
+        bench = Bench(lab)
+        for name, fn in (
+            ("accuracy", scenarios.accuracy),
+            ("bursts", scenarios.bursts),
+            ("latency", scenarios.latency),
+            ("fairness", scenarios.fairness),
+            ("cost", scenarios.cost),
+        ):
+            if only and name not in only:
+                continue
+            progress(f"== {name}")
+            result[name] = fn(bench, **spec[name])
+    result["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{profile}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{profile}.md").write_text(report.markdown(result))
+    report.plot(result, str(out / f"{profile}.png"))
+    progress(f"wrote {out}/{profile}.json, .md and .png in {result['meta']['seconds']} s")
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--only", nargs="*", help="run only these sections", choices=list(PROFILES["quick"]))
+    args = parser.parse_args()
+    result = run(args.profile, args.out, args.only)
+    print(report.markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

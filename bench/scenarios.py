@@ -1,0 +1,236 @@
+"""The five measurements. Each returns plain rows (dicts) for the report."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import time
+from typing import Any
+
+from bwplugin.lab import remove_pin_dir
+from bwplugin.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler, iperf_goodput
+
+from .harness import CONTAINERD_BURST, LOAD_PORT, PLUGINS, Bench, order, progress
+
+USER_HZ = 100
+
+
+def busy_seconds() -> float:
+    """Machine-wide CPU time spent not idle, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / USER_HZ
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+# ---------------------------------------------------------------- 1. accuracy
+
+
+def accuracy(bench: Bench, rates: list[int], protos: list[str], repeats: int, seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    points = [(r, d, p, i) for r in rates for d in ("ingress", "egress") for p in protos for i in range(repeats)]
+    for n, (rate, direction, proto, rep) in enumerate(points):
+        for plugin in order(n):
+            with bench.shaped(plugin, **{direction: rate}) as shaped:
+                dev = shaped.device(direction)
+                cpu0 = busy_seconds()
+                with Sampler(bench.lab.node, [dev], interval=0.1) as s:
+                    result = bench.iperf(
+                        shaped.pod,
+                        seconds=seconds,
+                        reverse=direction == "ingress",
+                        udp_rate=int(rate * 1.2) if proto == "udp" else 0,
+                    )
+                cpu = busy_seconds() - cpu0
+            first, last = s.active(dev)
+            wire = s.steady_rate(dev)
+            per_second = s.per_second(dev, first + 1.0, last - 0.3) or [wire]
+            wire_bytes, _ = s.bytes_between(dev, 0, last + 1)
+            ceiling = TCP_GOODPUT_CEILING if proto == "tcp" else UDP_GOODPUT_CEILING
+            row = {
+                "plugin": plugin,
+                "rate": rate,
+                "direction": direction,
+                "proto": proto,
+                "repeat": rep,
+                "wire_bps": wire,
+                "wire_ratio": wire / rate,
+                "goodput_ratio": iperf_goodput(result) / (rate * ceiling),
+                "swing": (max(per_second) - min(per_second)) / rate,
+                # machine-wide CPU (iperf3 included): meaningful only where shaping costs show
+                "cpu_s_per_gbit": cpu / (wire_bytes * 8 / 1e9) if wire_bytes and rate >= 100e6 else float("nan"),
+            }
+            rows.append(row)
+            progress(
+                f"accuracy {plugin:9} {direction:7} {proto} {rate / 1e6:6g} Mbit/s: "
+                f"wire {row['wire_ratio']:.3f}, goodput/ceiling {row['goodput_ratio']:.3f}"
+            )
+    return rows
+
+
+# ---------------------------------------------------------------- 2. bursts
+
+
+def bursts(bench: Bench, rate: int, burst_sets: dict[str, int]) -> list[dict[str, Any]]:
+    """Bytes through the ingress TBF in the first 0.1/1/2 s of a TCP flow."""
+    rows = []
+    for n, (label, burst) in enumerate(burst_sets.items()):
+        for plugin in order(n):
+            with (
+                bench.shaped(plugin, ingress=rate, burst=burst) as shaped,
+                Sampler(bench.lab.node, [shaped.veth], interval=0.01) as s,
+            ):
+                bench.iperf(shaped.pod, seconds=2.5, omit=0, reverse=True)
+            pts = s.samples[shaped.veth]
+            start = next(i for i in range(1, len(pts)) if pts[i][1] > pts[i - 1][1]) - 1
+            t0, b0 = pts[start]
+            row: dict[str, Any] = {"plugin": plugin, "burst_label": label, "burst_bits": burst, "rate": rate}
+            for t in (0.1, 1.0, 2.0):
+                passed = max(b for ts, b in pts if ts <= t0 + t) - b0
+                bound = rate / 8 * t + burst / 8
+                row[f"bytes_{t:g}s"] = passed
+                row[f"overshoot_{t:g}s"] = passed / (rate / 8 * t)
+                row[f"within_bound_{t:g}s"] = passed <= bound
+            row["curve"] = [(ts - t0, b - b0) for ts, b in pts[start:] if ts - t0 <= 2.0]
+            rows.append(row)
+            progress(
+                f"burst {plugin:9} {label:10}: first 100 ms {row['overshoot_0.1s']:.1f}x rate, "
+                f"first 1 s {row['overshoot_1s']:.2f}x"
+            )
+    return rows
+
+
+# ---------------------------------------------------------------- 3. latency under load
+
+_RTT = re.compile(r"time=([\d.]+) ms")
+
+
+def ping(bench: Bench, pod: Any, count: int, interval: float) -> tuple[list[float], float]:
+    out = subprocess.run(
+        ["nsenter", f"--net={pod.netns}", "ping", "-n", "-i", str(interval), "-c", str(count), "-W", "15",
+         bench.peer.ip],
+        capture_output=True, text=True, timeout=count * interval + 60,
+    ).stdout  # fmt: skip
+    rtts = [float(m) for m in _RTT.findall(out)]
+    return rtts, 1 - len(rtts) / count
+
+
+def latency(bench: Bench, rates: list[int], count: int) -> list[dict[str, Any]]:
+    rows = []
+    points = [(r, d) for r in rates for d in ("egress", "ingress")]
+    for n, (rate, direction) in enumerate(points):
+        for plugin in order(n):
+            with bench.shaped(plugin, **{direction: rate}) as shaped:
+                idle, _ = ping(bench, shaped.pod, 40, 0.02)
+                argv = ["iperf3", "-c", bench.peer.ip, "-p", str(LOAD_PORT), "-t", "60"]
+                if direction == "ingress":
+                    argv.append("-R")
+                load = bench.lab.spawn(shaped.pod.netns, *argv)
+                time.sleep(2.0)  # let the bulk flow fill the queue
+                loaded, loss = ping(bench, shaped.pod, count, 0.05)
+                load.terminate()
+                load.wait()
+                time.sleep(0.5)  # the server notices the end of the test
+            row = {
+                "plugin": plugin,
+                "rate": rate,
+                "direction": direction,
+                "idle_p50_ms": percentile(idle, 50),
+                "loaded_p50_ms": percentile(loaded, 50),
+                "loaded_p99_ms": percentile(loaded, 99),
+                "ping_loss": loss,
+            }
+            rows.append(row)
+            progress(
+                f"latency {plugin:9} {direction:7} {rate / 1e6:g} Mbit/s: idle {row['idle_p50_ms']:.2f} ms, "
+                f"loaded p50 {row['loaded_p50_ms']:.1f} ms p99 {row['loaded_p99_ms']:.1f} ms, loss {loss:.0%}"
+            )
+    return rows
+
+
+# ---------------------------------------------------------------- 4. fairness
+
+
+def fairness(bench: Bench, rate: int, flow_counts: list[int], seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    for n, flows in enumerate(flow_counts):
+        for plugin in order(n):
+            with bench.shaped(plugin, egress=rate) as shaped:
+                result = bench.iperf(shaped.pod, seconds=seconds, extra=("-P", str(flows)))
+            xs = [s["receiver"]["bits_per_second"] for s in result["end"]["streams"]]
+            jain = sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs))
+            rows.append({"plugin": plugin, "rate": rate, "flows": flows, "jain": jain, "total_bps": sum(xs)})
+            progress(f"fairness {plugin:9} {flows:2} flows at {rate / 1e6:g} Mbit/s: Jain {jain:.3f}")
+    return rows
+
+
+# ---------------------------------------------------------------- 5. cost
+
+
+def _timed_add(bench: Bench, plugin: str) -> tuple[Any, float, float]:
+    shaped = bench.add(plugin, {"bandwidth": {"ingressRate": 10**7, "ingressBurst": CONTAINERD_BURST,
+                                              "egressRate": 10**7, "egressBurst": CONTAINERD_BURST}})  # fmt: skip
+    att = shaped.pod.attachment
+    assert att is not None
+    kind = PLUGINS[plugin]["type"]
+    return shaped, att.timings[f"{kind}:ADD"], att.timings[f"{kind}:ADD:cpu"]
+
+
+def _timed_del(bench: Bench, plugin: str, shaped: Any) -> float:
+    att = shaped.pod.attachment
+    kind = PLUGINS[plugin]["type"]
+    bench.lab.remove_pod(shaped.pod)
+    return float(att.timings[f"{kind}:DEL"])
+
+
+def cost(bench: Bench, pods: int, background: int) -> list[dict[str, Any]]:
+    """ADD/DEL wall and CPU time of the shaping plugin alone (not ptp), both directions shaped."""
+    rows = []
+    env = bench.lab.runtime.extra_env
+    node_pins = env["BWPLUGIN_PIN_DIR"]
+    env["BWPLUGIN_PIN_DIR"] = cold_pins = f"{node_pins}-cold"  # empty: bwplugin must compile and pin
+    try:
+        for plugin in PLUGINS:
+            shaped, add_s, _ = _timed_add(bench, plugin)
+            _timed_del(bench, plugin, shaped)
+            rows.append({"plugin": plugin, "phase": "first ADD on a node", "add_ms": [add_s * 1000]})
+            progress(f"cost {plugin:9} first ADD on a node: {add_s * 1000:.0f} ms")
+    finally:
+        env["BWPLUGIN_PIN_DIR"] = node_pins
+        remove_pin_dir(cold_pins)
+
+    def phase(label: str) -> None:
+        samples: dict[str, dict[str, list[float]]] = {p: {"add": [], "cpu": [], "del": []} for p in PLUGINS}
+        live: list[tuple[str, Any]] = []
+        for i in range(pods):
+            for plugin in order(i):
+                shaped, add_s, cpu_s = _timed_add(bench, plugin)
+                samples[plugin]["add"].append(add_s * 1000)
+                samples[plugin]["cpu"].append(cpu_s * 1000)
+                live.append((plugin, shaped))
+        for plugin, shaped in live:
+            samples[plugin]["del"].append(_timed_del(bench, plugin, shaped) * 1000)
+        for plugin, s in samples.items():
+            rows.append({"plugin": plugin, "phase": label, "add_ms": s["add"], "cpu_ms": s["cpu"], "del_ms": s["del"]})
+            progress(
+                f"cost {plugin:9} {label}: ADD p50 {statistics.median(s['add']):.1f} ms, "
+                f"DEL p50 {statistics.median(s['del']):.1f} ms"
+            )
+
+    phase("0 pods shaped")
+    if background:
+        progress(f"cost: shaping {background} background pods per plugin")
+        held = [(p, _timed_add(bench, p)[0]) for i in range(background) for p in order(i)]
+        phase(f"{background} pods shaped")
+        for plugin, shaped in held:
+            _timed_del(bench, plugin, shaped)
+    return rows

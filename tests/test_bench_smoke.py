@@ -1,0 +1,33 @@
+"""The benchmark runs end to end (smoke profile) and writes well-formed output.
+It asserts nothing about speed or accuracy: those are bench/'s job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.run import run
+
+pytestmark = pytest.mark.kernel
+
+
+def test_bench_smoke_profile_writes_json_markdown_and_png(tmp_path: Path) -> None:
+    result = run("smoke", tmp_path)
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert doc["meta"]["profile"] == "smoke" and doc["meta"]["kernel"]
+    for section in ("accuracy", "bursts", "latency", "fairness", "cost"):
+        assert {row["plugin"] for row in doc[section]} == {"bwplugin", "reference"}, section
+    for row in doc["accuracy"]:
+        assert row["wire_bps"] > 0 and 0 < row["wire_ratio"] < 10
+    for row in doc["bursts"]:
+        assert row["bytes_1s"] > 0 and row["curve"]
+    assert all(row["loaded_p50_ms"] > 0 for row in doc["latency"])
+    assert all(0 < row["jain"] <= 1.0 + 1e-9 for row in doc["fairness"])
+    assert all(len(row["add_ms"]) >= 1 for row in doc["cost"])
+    md = (tmp_path / "smoke.md").read_text()
+    for heading in ("Steady-state accuracy", "Burst conformance", "Latency under load", "Fairness", "Cost of ADD"):
+        assert heading in md
+    assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["meta"]["seconds"] > 0
