@@ -28,7 +28,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "bursts": {"rate": 10 * M, "burst_sets": {"containerd": CONTAINERD_BURST}},
         "latency": {"rates": [10 * M], "count": 20},
         "fairness": {"rate": 10 * M, "flow_counts": [4], "seconds": 1},
-        "cost": {"pods": 3, "background": 0},
+        "cost": {"pods": 5, "background": 0},
     },
     "quick": {
         "accuracy": {"rates": [1 * M, 10 * M, 100 * M, 1000 * M], "protos": ["tcp", "udp"], "repeats": 1, "seconds": 3},
@@ -77,7 +77,7 @@ def run(profile: str, out: Path, only: list[str] | None = None) -> dict[str, Any
     spec = PROFILES[profile]
     result: dict[str, Any] = {"meta": {"profile": profile, **machine()}}
     started = time.monotonic()
-    with Lab() as lab:
+    with Lab(agent=True) as lab:
         bench = Bench(lab)
         for name, fn in (
             ("accuracy", scenarios.accuracy),

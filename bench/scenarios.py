@@ -176,61 +176,98 @@ def fairness(bench: Bench, rate: int, flow_counts: list[int], seconds: float) ->
 # ---------------------------------------------------------------- 5. cost
 
 
-def _timed_add(bench: Bench, plugin: str) -> tuple[Any, float, float]:
-    shaped = bench.add(plugin, {"bandwidth": {"ingressRate": 10**7, "ingressBurst": CONTAINERD_BURST,
-                                              "egressRate": 10**7, "egressBurst": CONTAINERD_BURST}})  # fmt: skip
+# bwplugin is measured both ways: through the node agent (the recommended deployment)
+# and with no agent running (the executable does the work itself)
+VARIANTS = {
+    "bwplugin (agent)": ("bwplugin", {}),
+    "bwplugin (no agent)": ("bwplugin", {"BWPLUGIN_NO_AGENT": "1"}),
+    "reference": ("reference", {}),
+}
+
+
+def _with_env(bench: Bench, extra: dict[str, str]) -> dict[str, str]:
+    saved = dict(bench.lab.runtime.extra_env)
+    bench.lab.runtime.extra_env.update(extra)
+    return saved
+
+
+def _restore_env(bench: Bench, saved: dict[str, str]) -> None:
+    env = bench.lab.runtime.extra_env  # in place: callers hold this very dict
+    env.clear()
+    env.update(saved)
+
+
+def _timed_add(bench: Bench, variant: str) -> tuple[Any, float, float]:
+    plugin, extra = VARIANTS[variant]
+    saved = _with_env(bench, extra)
+    try:
+        burst = CONTAINERD_BURST
+        bw = {"ingressRate": 10**7, "ingressBurst": burst, "egressRate": 10**7, "egressBurst": burst}
+        shaped = bench.add(plugin, {"bandwidth": bw})
+    finally:
+        _restore_env(bench, saved)
     att = shaped.pod.attachment
     assert att is not None
     kind = PLUGINS[plugin]["type"]
     return shaped, att.timings[f"{kind}:ADD"], att.timings[f"{kind}:ADD:cpu"]
 
 
-def _timed_del(bench: Bench, plugin: str, shaped: Any) -> float:
+def _timed_del(bench: Bench, variant: str, shaped: Any) -> float:
+    plugin, extra = VARIANTS[variant]
     att = shaped.pod.attachment
-    kind = PLUGINS[plugin]["type"]
-    bench.lab.remove_pod(shaped.pod)
-    return float(att.timings[f"{kind}:DEL"])
+    saved = _with_env(bench, extra)
+    try:
+        bench.lab.remove_pod(shaped.pod)
+    finally:
+        _restore_env(bench, saved)
+    return float(att.timings[f"{PLUGINS[plugin]['type']}:DEL"])
+
+
+def _order(i: int) -> list[str]:
+    names = list(VARIANTS)
+    return names[i % len(names) :] + names[: i % len(names)]
 
 
 def cost(bench: Bench, pods: int, background: int) -> list[dict[str, Any]]:
-    """ADD/DEL wall and CPU time of the shaping plugin alone (not ptp), both directions shaped."""
+    """ADD/DEL wall and CPU time of the shaping plugin alone (not ptp), both directions
+    shaped. CPU is the plugin process's own; the agent's share is not in it."""
     rows = []
     env = bench.lab.runtime.extra_env
     node_pins = env["BWPLUGIN_PIN_DIR"]
     env["BWPLUGIN_PIN_DIR"] = cold_pins = f"{node_pins}-cold"  # empty: bwplugin must compile and pin
     try:
-        for plugin in PLUGINS:
-            shaped, add_s, _ = _timed_add(bench, plugin)
-            _timed_del(bench, plugin, shaped)
-            rows.append({"plugin": plugin, "phase": "first ADD on a node", "add_ms": [add_s * 1000]})
-            progress(f"cost {plugin:9} first ADD on a node: {add_s * 1000:.0f} ms")
+        for variant in ("bwplugin (no agent)", "reference"):
+            shaped, add_s, _ = _timed_add(bench, variant)
+            _timed_del(bench, variant, shaped)
+            rows.append({"plugin": variant, "phase": "first ADD on a node", "add_ms": [add_s * 1000]})
+            progress(f"cost {variant:19} first ADD on a node: {add_s * 1000:.0f} ms")
     finally:
         env["BWPLUGIN_PIN_DIR"] = node_pins
         remove_pin_dir(cold_pins)
 
     def phase(label: str) -> None:
-        samples: dict[str, dict[str, list[float]]] = {p: {"add": [], "cpu": [], "del": []} for p in PLUGINS}
+        samples: dict[str, dict[str, list[float]]] = {v: {"add": [], "cpu": [], "del": []} for v in VARIANTS}
         live: list[tuple[str, Any]] = []
         for i in range(pods):
-            for plugin in order(i):
-                shaped, add_s, cpu_s = _timed_add(bench, plugin)
-                samples[plugin]["add"].append(add_s * 1000)
-                samples[plugin]["cpu"].append(cpu_s * 1000)
-                live.append((plugin, shaped))
-        for plugin, shaped in live:
-            samples[plugin]["del"].append(_timed_del(bench, plugin, shaped) * 1000)
-        for plugin, s in samples.items():
-            rows.append({"plugin": plugin, "phase": label, "add_ms": s["add"], "cpu_ms": s["cpu"], "del_ms": s["del"]})
+            for variant in _order(i):
+                shaped, add_s, cpu_s = _timed_add(bench, variant)
+                samples[variant]["add"].append(add_s * 1000)
+                samples[variant]["cpu"].append(cpu_s * 1000)
+                live.append((variant, shaped))
+        for variant, shaped in live:
+            samples[variant]["del"].append(_timed_del(bench, variant, shaped) * 1000)
+        for variant, s in samples.items():
+            rows.append({"plugin": variant, "phase": label, "add_ms": s["add"], "cpu_ms": s["cpu"], "del_ms": s["del"]})
             progress(
-                f"cost {plugin:9} {label}: ADD p50 {statistics.median(s['add']):.1f} ms, "
+                f"cost {variant:19} {label}: ADD p50 {statistics.median(s['add']):.1f} ms, "
                 f"DEL p50 {statistics.median(s['del']):.1f} ms"
             )
 
     phase("0 pods shaped")
     if background:
-        progress(f"cost: shaping {background} background pods per plugin")
-        held = [(p, _timed_add(bench, p)[0]) for i in range(background) for p in order(i)]
+        progress(f"cost: shaping {background} background pods with each plugin")
+        held = [(p, _timed_add(bench, p)[0]) for i in range(background) for p in ("bwplugin (agent)", "reference")]
         phase(f"{background} pods shaped")
-        for plugin, shaped in held:
-            _timed_del(bench, plugin, shaped)
+        for variant, shaped in held:
+            _timed_del(bench, variant, shaped)
     return rows

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import settings
 from .errors import BPFUnavailableError
 
 SYS_BPF = 321  # x86_64
@@ -34,15 +35,16 @@ VAL = struct.Struct("=IIQQ")  # struct bwp_val
 
 
 def pin_dir() -> Path:
-    return Path(os.environ.get("BWPLUGIN_PIN_DIR", f"{BPFFS}/bwplugin"))
+    return Path(settings.get("BWPLUGIN_PIN_DIR") or f"{BPFFS}/bwplugin")
 
 
 def source_path() -> Path:
-    return Path(os.environ.get("BWPLUGIN_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf")) / "bwp_egress.c"
+    default = Path(__file__).resolve().parent.parent / "bpf"
+    return Path(settings.get("BWPLUGIN_BPF_DIR") or default) / "bwp_egress.c"
 
 
 def lock_path() -> Path:
-    return Path(os.environ.get("BWPLUGIN_RUN_DIR", "/run/bwplugin")) / "bpf.lock"
+    return Path(settings.get("BWPLUGIN_RUN_DIR") or "/run/bwplugin") / "bpf.lock"
 
 
 # ---------------------------------------------------------------- syscalls
@@ -200,14 +202,19 @@ def map_path() -> Path:
     return pin_dir() / f"attach_v{MAP_LAYOUT}"
 
 
+_DIGESTS: dict[tuple[Path, float], str] = {}
+
+
 def prog_path() -> Path:
     """Versioned by the C source and map layout: a changed program gets a new pin."""
+    src = source_path()
     try:
-        src = source_path().read_bytes()
+        key = (src, src.stat().st_mtime)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = hashlib.sha256(src.read_bytes() + f"layout={MAP_LAYOUT}".encode()).hexdigest()[:12]
     except OSError as exc:
-        raise BPFUnavailableError(f"eBPF source {source_path()} cannot be read: {exc.strerror}") from exc
-    digest = hashlib.sha256(src + f"layout={MAP_LAYOUT}".encode()).hexdigest()[:12]
-    return pin_dir() / f"egress_{digest}"
+        raise BPFUnavailableError(f"eBPF source {src} cannot be read: {exc.strerror}") from exc
+    return pin_dir() / f"egress_{_DIGESTS[key]}"
 
 
 def open_pinned() -> Program | None:

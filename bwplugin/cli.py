@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import plugin
+from . import plugin, settings
 from .config import (
     LATEST_VERSION,
     SUPPORTED_VERSIONS,
@@ -43,7 +44,18 @@ def _lenient_conf(doc: Mapping[str, Any]) -> NetConf:
 
 
 def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
-    """Returns (exit code, JSON to print or None)."""
+    """Returns (exit code, JSON to print or None). BWPLUGIN_TRACE=1 logs the time taken."""
+    start = time.perf_counter()
+    code, out = _run(environ, stdin)
+    if settings.get("BWPLUGIN_TRACE") == "1":
+        settings.log(
+            f"{environ.get('CNI_COMMAND')} {environ.get('CNI_CONTAINERID', '')}/{environ.get('CNI_IFNAME', '')}: "
+            f"exit {code} in {(time.perf_counter() - start) * 1000:.1f} ms"
+        )
+    return code, out
+
+
+def _run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
     doc: dict[str, Any] | None = None
     try:
         env = parse_env(environ)
@@ -77,8 +89,8 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] |
         return 1, err.to_json(_error_version(doc))
 
 
-def main() -> int:
-    code, out = run(os.environ, sys.stdin.buffer.read())
+def main(stdin: bytes | None = None) -> int:
+    code, out = run(os.environ, sys.stdin.buffer.read() if stdin is None else stdin)
     if out is not None:
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()

@@ -11,12 +11,24 @@ DEFAULT_DIR = "/opt/cni/bin"
 REFERENCE_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 
 
-def launcher_text(python: str = sys.executable) -> str:
-    # -I: the runtime's environment (PYTHONPATH, user site) must not change the plugin
-    return f"#!{python} -I\nfrom bwplugin.cli import main\nraise SystemExit(main())\n"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_PACKAGES = "/usr/lib/python3/dist-packages"  # Debian's bcc, needed only to compile
 
 
-def install(directory: str | Path = DEFAULT_DIR, python: str = sys.executable) -> Path:
+def launcher_text(python: str | None = None) -> str:
+    """-I: the runtime's environment (PYTHONPATH, user site) must not change the plugin.
+    -S: no site processing (~12 ms here); the path is set explicitly instead."""
+    python = python or os.path.realpath(sys.executable)
+    return (
+        f"#!{python} -IS\n"
+        f"import sys\n"
+        f"sys.path[:0] = [{str(PACKAGE_ROOT)!r}, {SYSTEM_PACKAGES!r}]\n"
+        f"from bwplugin.client import main\n"
+        f"raise SystemExit(main())\n"
+    )
+
+
+def install(directory: str | Path = DEFAULT_DIR, python: str | None = None) -> Path:
     target = Path(directory) / "bwplugin"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(".bwplugin.tmp")

@@ -13,7 +13,9 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,8 +58,10 @@ def ip_netns(*args: str) -> None:
 
 
 class Lab:
-    def __init__(self, subnet: str = "10.234.0.0/24") -> None:
+    def __init__(self, subnet: str = "10.234.0.0/24", agent: bool = False) -> None:
         self.tag = secrets.token_hex(3)
+        self.use_agent = agent
+        self.agent: subprocess.Popen[bytes] | None = None
         self.subnet = subnet
         self.pods: list[Pod] = []
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -87,7 +91,49 @@ class Lab:
         self.runtime = Runtime(
             [str(self.bin_dir)], node_netns=self.node, extra_env={"BWPLUGIN_PIN_DIR": os.environ["BWPLUGIN_PIN_DIR"]}
         )
+        self.agent_socket = str(self.tmp / "agent" / "agent.sock")
+        try:
+            if self.use_agent:
+                self.runtime.extra_env["BWPLUGIN_AGENT_SOCKET"] = self.agent_socket
+                self.start_agent()
+            else:
+                self.runtime.extra_env["BWPLUGIN_NO_AGENT"] = "1"  # never a node agent by accident
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
+
+    # ------------------------------------------------------------ the agent
+
+    def start_agent(self) -> None:
+        """The node agent, in the node namespace (it must live in the host netns)."""
+        env = {**os.environ, "BWPLUGIN_PIN_DIR": os.environ["BWPLUGIN_PIN_DIR"]}
+        log = open(self.tmp / "agent.log", "ab")  # noqa: SIM115 (owned by the process)
+        self.agent = subprocess.Popen(
+            ["nsenter", f"--net={self.node}", sys.executable, "-m", "bwplugin.agent", "--socket", self.agent_socket],
+            stdout=log, stderr=log, env=env,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 20
+        while not self._agent_answers():  # a stale socket file may exist: connect, don't stat
+            if self.agent.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent did not start: {(self.tmp / 'agent.log').read_text()[-2000:]}")
+            time.sleep(0.02)
+
+    def _agent_answers(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(self.agent_socket)
+            except OSError:
+                return False
+        return True
+
+    def stop_agent(self, sig: int = signal.SIGTERM) -> None:
+        if self.agent is not None:
+            if self.agent.poll() is None:
+                self.agent.send_signal(sig)
+            self.agent.wait(timeout=20)
+            self.agent = None
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs:
@@ -98,6 +144,7 @@ class Lab:
             if pod.attachment is not None:  # even a failed ADD gets its DEL, as runtimes do
                 with contextlib.suppress(Exception):
                     pod.attachment.delete()
+        self.stop_agent()
         self._purge_map_entries()
         for name in [p.name for p in self.pods] + [self.node_name]:
             if os.path.exists(f"{NETNS_DIR}/{name}"):

@@ -25,6 +25,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
+NLM_F_ECHO = 0x8
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
@@ -309,6 +310,18 @@ class Netlink:
         return True
 
     # ------------------------------------------------------------ tc
+
+    def qdisc(self, index: int, parent: int) -> TcObject | None:
+        """One device's qdisc at `parent` (root or ingress) by a GET, not a dump of
+        the whole node's qdiscs: constant time however many pods are shaped."""
+        try:
+            # without ECHO the kernel only multicasts the answer to RTNLGRP_TC
+            replies = self.request(RTM_GETQDISC, NLM_F_ECHO, tcmsg(index, 0, parent), f"get qdisc on {index}")
+        except NetlinkError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                return None
+            raise
+        return parse_tc(replies[0]) if replies else None
 
     def qdiscs(self, index: int) -> list[TcObject]:
         objs = [parse_tc(p) for p in self.dump(RTM_GETQDISC, tcmsg(0), "dump qdiscs")]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bpf, tc
+from . import bpf, settings, tc
 from .config import Direction, Env, NetConf, Policy
 from .errors import (
     BPFUnavailableError,
@@ -27,19 +26,15 @@ from .errors import (
 from .naming import IFB_PREFIX, IfbLabel, format_alias, ifb_name, network_tag, parse_alias
 from .netlink import Link, Netlink, TcObject
 from .protocol import convert_result, host_interface_names, version_at_least, with_interface
+from .settings import log
 from .shaping import TBFParams, tbf_params
 
 # ---------------------------------------------------------------- helpers
 
 
-def log(msg: str) -> None:
-    """Runtimes put a plugin's stderr in their logs."""
-    print(f"bwplugin: {msg}", file=sys.stderr)
-
-
 def fault(point: str) -> None:
     """Test hook: BWPLUGIN_FAULT=<point>[:kill] fails (or SIGKILLs) ADD at a step."""
-    spec = os.environ.get("BWPLUGIN_FAULT", "")
+    spec = settings.get("BWPLUGIN_FAULT") or ""
     name, _, action = spec.partition(":")
     if name == point:
         if action == "kill":
@@ -107,17 +102,18 @@ def find_host_veth(nl: Netlink, env: Env, result: dict[str, Any] | None) -> Host
 
 
 def _ensure_no_foreign_qdiscs(nl: Netlink, host: HostVeth) -> None:
-    for q in nl.qdiscs(host.index):
-        if q.parent == tc.TC_H_ROOT and q.kind != "noqueue":
-            raise ForeignObjectError(
-                f"host veth {host.name} already has a root qdisc {q.kind} {q.handle >> 16:x}: "
-                "bwplugin does not replace qdiscs it did not create"
-            )
-        if q.parent == tc.TC_H_CLSACT:
-            raise ForeignObjectError(
-                f"host veth {host.name} already has a {q.kind} qdisc: bwplugin does not share "
-                "or replace ingress qdiscs it did not create"
-            )
+    root = tc.root_qdisc(nl, host.index)
+    if root is not None and root.kind != "noqueue":
+        raise ForeignObjectError(
+            f"host veth {host.name} already has a root qdisc {root.kind} {root.handle >> 16:x}: "
+            "bwplugin does not replace qdiscs it did not create"
+        )
+    ingress = tc.clsact_qdisc(nl, host.index)
+    if ingress is not None:
+        raise ForeignObjectError(
+            f"host veth {host.name} already has a {ingress.kind} qdisc: bwplugin does not share "
+            "or replace ingress qdiscs it did not create"
+        )
 
 
 def _report_policy(what: str, d: Direction, p: TBFParams, policy: Policy) -> None:
@@ -200,6 +196,10 @@ def _remove_stale_ifb(nl: Netlink, name: str) -> None:
 
 # ---------------------------------------------------------------- DEL
 
+# Set by the agent: hands an inert ifb to a background thread, because deleting a
+# netdev waits for RCU (15-30 ms) and nothing about the pod depends on it any more.
+ifb_releaser: Callable[[Link], None] | None = None
+
 
 def cmd_del(env: Env, conf: NetConf) -> None:
     """Best effort and idempotent: remove whatever of ours is still there."""
@@ -217,7 +217,10 @@ def cmd_del(env: Env, conf: NetConf) -> None:
         if attach_id:
             release_attach_id(nl, attach_id, ifb)
         if ifb is not None:
-            nl.delete_link(ifb.index)
+            if ifb_releaser is not None:
+                ifb_releaser(ifb)  # already inert: no filter, no map entry points at it
+            else:
+                nl.delete_link(ifb.index)
 
 
 def _del_host_index(nl: Netlink, env: Env, conf: NetConf, label: IfbLabel | None) -> int | None:
@@ -376,6 +379,33 @@ def cmd_gc(conf: NetConf) -> None:
                 failures.append(f"{link.name} ({label.container_id}/{label.ifname}): {exc}")
     if failures:
         raise IOFailureError(f"GC could not remove {len(failures)} stale attachment(s)", "; ".join(failures))
+
+
+def delete_ifb_if_same(nl: Netlink, old: Link) -> bool:
+    """Delete an ifb by index only if it is still the device we were given."""
+    now = nl.link(index=old.index)
+    if now is None or now.name != old.name or now.alias != old.alias:
+        return False
+    return nl.delete_link(old.index)
+
+
+def orphan_ifbs(nl: Netlink) -> list[Link]:
+    """Our ifbs whose attachment id no longer maps to them: left by a DEL whose
+    deferred release never ran (the agent died). Nothing can redirect to them."""
+    map_fd = bpf.open_map()
+    try:
+        out = []
+        for link in nl.links():
+            label = parse_alias(link.alias)
+            if link.kind != "ifb" or label is None or not link.name.startswith(IFB_PREFIX):
+                continue
+            entry = bpf.attach_get(map_fd, label.attach_id) if map_fd is not None else None
+            if entry is None or entry.ifb_index != link.index:
+                out.append(link)
+        return out
+    finally:
+        if map_fd is not None:
+            os.close(map_fd)
 
 
 def status_problems() -> list[str]:

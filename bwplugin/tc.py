@@ -119,17 +119,12 @@ def delete_qdisc(nl: Netlink, index: int, parent: int, handle: int) -> bool:
 
 
 def root_qdisc(nl: Netlink, index: int) -> TcObject | None:
-    for q in nl.qdiscs(index):
-        if q.parent == TC_H_ROOT:
-            return q
-    return None
+    return nl.qdisc(index, TC_H_ROOT)
 
 
 def clsact_qdisc(nl: Netlink, index: int) -> TcObject | None:
-    for q in nl.qdiscs(index):
-        if q.parent == TC_H_CLSACT:
-            return q
-    return None
+    """The clsact (or plain ingress) qdisc: both hang at ffff:fff1."""
+    return nl.qdisc(index, TC_H_CLSACT)
 
 
 def is_our_tbf(q: TcObject | None) -> bool:

@@ -41,9 +41,11 @@ def private_pins() -> Iterator[None]:
         remove_pin_dir(os.environ.pop("BWPLUGIN_PIN_DIR"))
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab() as the_lab:
+@pytest.fixture(params=["in-process", "agent"])
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """Every kernel test runs through both paths: the executable doing the work
+    itself, and the executable forwarding to a node agent."""
+    with Lab(agent=request.param == "agent") as the_lab:
         yield the_lab
 
 

@@ -61,3 +61,25 @@ def view(netns: str) -> KernelView:
                         }
                     )
     return out
+
+
+def settled_ifbs(netns: str, timeout: float = 5.0) -> list[str]:
+    """The ifbs once pending releases are done: through the agent, DEL answers as soon
+    as the attachment is inert and the ifb device is deleted right after."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        kv = view(netns)
+        ifbs = [n for n in kv.ifbs() if n.startswith("bwpl") and kv.links[n]["alias"] is not None]
+        inert = [n for n in ifbs if not _has_redirect(kv, n)]
+        if not inert or time.monotonic() > deadline:
+            return ifbs
+        time.sleep(0.05)
+
+
+def _has_redirect(kv: KernelView, ifb: str) -> bool:
+    from bwplugin.naming import parse_alias
+
+    label = parse_alias(kv.links[ifb]["alias"])
+    return any(f["classid"] == label.attach_id for fs in kv.filters.values() for f in fs) if label else False

@@ -17,8 +17,10 @@ def test_bench_smoke_profile_writes_json_markdown_and_png(tmp_path: Path) -> Non
     result = run("smoke", tmp_path)
     doc = json.loads((tmp_path / "smoke.json").read_text())
     assert doc["meta"]["profile"] == "smoke" and doc["meta"]["kernel"]
-    for section in ("accuracy", "bursts", "latency", "fairness", "cost"):
+    for section in ("accuracy", "bursts", "latency", "fairness"):
         assert {row["plugin"] for row in doc[section]} == {"bwplugin", "reference"}, section
+    costed = {row["plugin"] for row in doc["cost"] if "del_ms" in row}
+    assert costed == {"bwplugin (agent)", "bwplugin (no agent)", "reference"}
     for row in doc["accuracy"]:
         assert row["wire_bps"] > 0 and 0 < row["wire_ratio"] < 10
     for row in doc["bursts"]:

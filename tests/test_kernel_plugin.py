@@ -17,7 +17,7 @@ from bwplugin.naming import ifb_name, parse_alias
 from bwplugin.tc import TBF_HANDLE
 
 from .conftest import bandwidth, shaper
-from .oracle import view
+from .oracle import settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
@@ -52,8 +52,8 @@ def attach_id_of(lab: Lab, pod: Pod) -> int:
 
 
 def assert_clean(lab: Lab, veth: str | None = None) -> None:
+    assert settled_ifbs(lab.node) == []
     kv = view(lab.node)
-    assert kv.ifbs() == []
     if veth and veth in kv.links:
         assert kv.tbf(veth) is None
         assert not kv.has_clsact(veth)
@@ -154,7 +154,7 @@ def test_two_pods_shaped_differently(lab: Lab) -> None:
     a.attachment.delete()
     a.attachment = None
     b.attachment.check()  # deleting one pod left the other intact
-    assert len(view(lab.node).ifbs()) == 1
+    assert len(settled_ifbs(lab.node)) == 1
 
 
 def test_bridge_chain(lab: Lab) -> None:
@@ -174,7 +174,7 @@ def test_bridge_chain(lab: Lab) -> None:
     att.check()
     att.delete()
     pod.attachment = None
-    assert view(lab.node).ifbs() == []
+    assert settled_ifbs(lab.node) == []
 
 
 # ---------------------------------------------------------------- DEL is best effort
@@ -199,7 +199,7 @@ def test_del_after_netns_is_gone(lab: Lab) -> None:
     subprocess.run(["ip", "netns", "del", pod.name], check=True)  # veth pair dies with it
     inv = lab.exec_shaper("DEL", pod, conf)
     assert inv.rc == 0, inv.stdout
-    assert view(lab.node).ifbs() == []
+    assert settled_ifbs(lab.node) == []
     assert attach_id not in map_ids()
 
 
@@ -209,7 +209,7 @@ def test_del_with_invalid_bandwidth_config_still_cleans(lab: Lab) -> None:
     conf = {**shaper_conf(pod), "egressRate": -5}
     inv = lab.exec_shaper("DEL", pod, conf)
     assert inv.rc == 0, inv.stdout
-    assert view(lab.node).ifbs() == []
+    assert settled_ifbs(lab.node) == []
 
 
 @pytest.mark.parametrize("removed", ["ifb", "clsact", "tbf", "map"])

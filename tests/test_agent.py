@@ -1,0 +1,149 @@
+"""The node agent: restart safety, crash mid-request, fallback, permissions."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from bwplugin import bpf
+from bwplugin.agent import decode_request, encode_reply
+from bwplugin.client import decode_reply, encode_request
+from bwplugin.lab import Lab
+from bwplugin.libcni import (
+    PluginFailed,  # noqa: I001
+    plugin_conf,
+)
+from bwplugin.naming import parse_alias
+
+from .conftest import bandwidth, shaper
+from .oracle import settled_ifbs, view
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def agent_lab():
+    with Lab(agent=True) as lab:
+        yield lab
+
+
+def test_socket_is_root_only(agent_lab: Lab) -> None:
+    sock = agent_lab.agent_socket
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
+    assert stat.S_ISSOCK(os.stat(sock).st_mode)
+
+
+def test_agent_killed_mid_add_then_restarted_converges(agent_lab: Lab) -> None:
+    lab = agent_lab
+    pod = lab.pod("a")
+    lab.runtime.extra_env["BWPLUGIN_FAULT"] = "after-clsact:kill"  # the agent dies inside ADD
+    with pytest.raises(PluginFailed) as err:
+        lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
+    del lab.runtime.extra_env["BWPLUGIN_FAULT"]
+    assert err.value.error["code"] == 11 and "agent failed during ADD" in err.value.error["msg"]
+    assert lab.agent is not None and lab.agent.wait(timeout=10) == -9
+    lab.agent = None
+    assert len(view(lab.node).ifbs()) == 1  # half-made: ifb, map entry and clsact are there
+    lab.start_agent()  # restart: nothing was kept in memory
+    pod.attachment.delete()  # the runtime's DEL after a failed ADD cleans all of it
+    assert settled_ifbs(lab.node) == []
+    kv = view(lab.node)
+    assert not any(kv.has_clsact(n) for n in kv.links)
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
+    att.check()
+
+
+def test_state_survives_agent_restart(agent_lab: Lab) -> None:
+    lab = agent_lab
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
+    lab.stop_agent()
+    lab.start_agent()
+    att.check()
+    att.delete()
+    pod.attachment = None
+    assert settled_ifbs(lab.node) == []
+
+
+def test_without_agent_the_executable_works_alone(agent_lab: Lab) -> None:
+    lab = agent_lab
+    lab.stop_agent()
+    assert not os.path.exists(lab.agent_socket)  # removed on a clean stop
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=5_000_000, egress=5_000_000))
+    att.check()
+
+
+def test_stale_socket_is_replaced_and_a_live_one_is_not(agent_lab: Lab) -> None:
+    lab = agent_lab
+    lab.stop_agent(sig=9)  # SIGKILL leaves the socket file behind
+    assert os.path.exists(lab.agent_socket)
+    pod = lab.pod("a")  # connect is refused: the executable falls back to doing the work
+    lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=5_000_000)).check()
+    lab.start_agent()  # replaces the stale file
+    pod.attachment.check()
+    second = subprocess.run(
+        ["nsenter", f"--net={lab.node}", sys.executable, "-m", "bwplugin.agent", "--socket", lab.agent_socket],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert second.returncode != 0 and "already serving" in second.stderr
+
+
+def test_malformed_request_gets_an_answer(agent_lab: Lab) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(agent_lab.agent_socket)
+        sock.sendall(b"garbage\n")
+        sock.shutdown(socket.SHUT_WR)
+        code, out, err = decode_reply(sock.makefile("rb").read())
+    assert code == 1 and out == b"" and b"malformed request" in err
+
+
+def test_framing_roundtrip() -> None:
+    env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=1;B=x=y", "BWPLUGIN_FAULT": ""}
+    raw = encode_request(env, b'{"a": 1}')
+    head, _, rest = raw.partition(b"\n")
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        pos += n
+        return rest[pos - n : pos]
+
+    assert decode_request(head, read) == (env, b'{"a": 1}')
+    assert decode_reply(encode_reply(7, {"x": 1}, ["l1", "l2"])) == (7, b'{"x": 1}\n', b"l1\nl2\n")
+
+
+def test_del_answers_before_the_ifb_is_released_then_releases_it(agent_lab: Lab) -> None:
+    lab = agent_lab
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
+    veth = next(i["name"] for i in att.result["interfaces"] if i["name"].startswith("veth"))
+    inv = lab.exec_shaper("DEL", pod, plugin_conf(att.conflist, shaper(), att.result, att.runtime_config))
+    assert (inv.rc, inv.stdout) == (0, "")
+    kv = view(lab.node)
+    assert kv.filters.get(veth) is None and not kv.has_clsact(veth)  # inert at once
+    assert settled_ifbs(lab.node) == []  # and the device goes right after
+
+
+def test_restarted_agent_sweeps_ifbs_a_crash_left_unreleased(agent_lab: Lab) -> None:
+    lab = agent_lab
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
+    ifb = att.result["interfaces"][-1]["name"]
+    veth = next(i["name"] for i in att.result["interfaces"] if i["name"].startswith("veth"))
+    lab.stop_agent(sig=9)
+    # what a DEL leaves if the agent dies before its deferred release: inert, unreleased
+    lab.run(lab.node, "tc", "qdisc", "del", "dev", veth, "clsact")
+    label = parse_alias(view(lab.node).links[ifb]["alias"])
+    fd = bpf.open_map()
+    bpf.map_delete(fd, bpf.attach_key(label.attach_id))
+    os.close(fd)
+    lab.start_agent()
+    assert ifb not in view(lab.node).links
+    pod.attachment.result = None  # nothing left for the final DEL but ptp's part
