@@ -11,28 +11,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from bwplugin.lab import Lab, Pod
+from bwplugin.lab import runtime_bandwidth as bandwidth
 
 PLUGINS = {
     "bwplugin": {"type": "bwplugin", "capabilities": {"bandwidth": True}},
     "reference": {"type": "bandwidth", "capabilities": {"bandwidth": True}},  # Debian's Go plugin
 }
 SUBNETS = {"peer": "10.234.0.0/24", "bwplugin": "10.234.4.0/22", "reference": "10.234.8.0/22"}
-CONTAINERD_BURST = 4294967295  # bits: what containerd sends for both bursts
 CRIO_BURST = 34359738359
 MEASURE_PORT, LOAD_PORT = 5201, 5202
 
 
 def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def bandwidth(ingress: int = 0, egress: int = 0, burst: int = CONTAINERD_BURST) -> dict[str, Any]:
-    bw: dict[str, Any] = {}
-    if ingress:
-        bw.update(ingressRate=ingress, ingressBurst=burst)
-    if egress:
-        bw.update(egressRate=egress, egressBurst=burst)
-    return {"bandwidth": bw}
 
 
 @dataclass

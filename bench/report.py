@@ -101,15 +101,18 @@ def _p(xs: list[float], q: float) -> float:
 
 def cost_table(rows: list[dict[str, Any]]) -> str:
     out = [
-        "| phase | plugin | pods | ADD p50 ms | ADD p95 ms | ADD CPU p50 ms | DEL p50 ms | DEL p95 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| phase | plugin | pods | ADD p50 ms | ADD p95 ms | ADD CPU p50 ms (executable) | agent CPU per ADD ms "
+        "| DEL p50 ms | DEL p95 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         dels = r.get("del_ms", [])
         out.append(
             f"| {r['phase']} | {r['plugin']} | {len(r['add_ms'])} | {_p(r['add_ms'], 50):.1f} "
             f"| {_p(r['add_ms'], 95):.1f} | "
-            f"{_p(r.get('cpu_ms', []), 50):.1f} | {_p(dels, 50):.1f} | {_p(dels, 95):.1f} |"
+            f"{_p(r.get('cpu_ms', []), 50):.1f} | "
+            + (f"{r['agent_cpu_per_add_ms']:.1f}" if "agent_cpu_per_add_ms" in r else "–")
+            + f" | {_p(dels, 50):.1f} | {_p(dels, 95):.1f} |"
         )
     return "\n".join(out)
 

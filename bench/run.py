@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bwplugin.lab import Lab
+from bwplugin.lab import CONTAINERD_BURST, Lab
 
 from . import report, scenarios
-from .harness import CONTAINERD_BURST, CRIO_BURST, Bench, progress
+from .harness import CRIO_BURST, Bench, progress
 
 M = 1_000_000
 RUNTIME_BURSTS = {"containerd": CONTAINERD_BURST, "cri-o": CRIO_BURST, "small": 80_000}

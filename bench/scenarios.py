@@ -8,10 +8,10 @@ import subprocess
 import time
 from typing import Any
 
-from bwplugin.lab import remove_pin_dir
+from bwplugin.lab import CONTAINERD_BURST, remove_pin_dir
 from bwplugin.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler, iperf_goodput
 
-from .harness import CONTAINERD_BURST, LOAD_PORT, PLUGINS, Bench, order, progress
+from .harness import LOAD_PORT, PLUGINS, Bench, order, progress
 
 USER_HZ = 100
 
@@ -223,6 +223,16 @@ def _timed_del(bench: Bench, variant: str, shaped: Any) -> float:
     return float(att.timings[f"{PLUGINS[plugin]['type']}:DEL"])
 
 
+def _agent_cpu_seconds(bench: Bench) -> float:
+    """utime + stime of the agent process (only agent-variant requests reach it)."""
+    agent = bench.lab.agent
+    if agent is None:
+        return 0.0
+    with open(f"/proc/{agent.pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / USER_HZ
+
+
 def _order(i: int) -> list[str]:
     names = list(VARIANTS)
     return names[i % len(names) :] + names[: i % len(names)]
@@ -248,16 +258,27 @@ def cost(bench: Bench, pods: int, background: int) -> list[dict[str, Any]]:
     def phase(label: str) -> None:
         samples: dict[str, dict[str, list[float]]] = {v: {"add": [], "cpu": [], "del": []} for v in VARIANTS}
         live: list[tuple[str, Any]] = []
+        agent_cpu = _agent_cpu_seconds(bench)
         for i in range(pods):
             for variant in _order(i):
                 shaped, add_s, cpu_s = _timed_add(bench, variant)
                 samples[variant]["add"].append(add_s * 1000)
                 samples[variant]["cpu"].append(cpu_s * 1000)
                 live.append((variant, shaped))
+        agent_cpu_per_add_ms = (_agent_cpu_seconds(bench) - agent_cpu) * 1000 / pods
         for variant, shaped in live:
             samples[variant]["del"].append(_timed_del(bench, variant, shaped) * 1000)
         for variant, s in samples.items():
-            rows.append({"plugin": variant, "phase": label, "add_ms": s["add"], "cpu_ms": s["cpu"], "del_ms": s["del"]})
+            row: dict[str, Any] = {
+                "plugin": variant,
+                "phase": label,
+                "add_ms": s["add"],
+                "cpu_ms": s["cpu"],
+                "del_ms": s["del"],
+            }
+            if variant == "bwplugin (agent)":
+                row["agent_cpu_per_add_ms"] = agent_cpu_per_add_ms  # mean; /proc/stat ticks are 10 ms
+            rows.append(row)
             progress(
                 f"cost {variant:19} {label}: ADD p50 {statistics.median(s['add']):.1f} ms, "
                 f"DEL p50 {statistics.median(s['del']):.1f} ms"

@@ -30,6 +30,17 @@ from .netlink import Netlink
 
 PREFIX = "bwpt"
 NETNS_DIR = "/run/netns"
+CONTAINERD_BURST = 4294967295  # bits: what containerd sends for both bursts
+
+
+def runtime_bandwidth(ingress: int = 0, egress: int = 0, burst: int = CONTAINERD_BURST) -> dict[str, Any]:
+    """runtimeConfig as a CRI runtime fills it from the pod's bandwidth annotations."""
+    bw: dict[str, Any] = {}
+    if ingress:
+        bw.update(ingressRate=ingress, ingressBurst=burst)
+    if egress:
+        bw.update(egressRate=egress, egressBurst=burst)
+    return {"bandwidth": bw}
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from bwplugin.lab import Lab, remove_pin_dir
+from bwplugin.lab import runtime_bandwidth as bandwidth  # noqa: F401 (re-exported to tests)
 
 REQUIRE = os.environ.get("BWPLUGIN_REQUIRE_KERNEL") == "1"
 
@@ -51,12 +52,3 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
 
 def shaper(**static: Any) -> dict[str, Any]:
     return {"type": "bwplugin", "capabilities": {"bandwidth": True}, **static}
-
-
-def bandwidth(ingress: int = 0, egress: int = 0, burst: int = 4294967295) -> dict[str, Any]:
-    bw: dict[str, Any] = {}
-    if ingress:
-        bw.update(ingressRate=ingress, ingressBurst=burst)
-    if egress:
-        bw.update(egressRate=egress, egressBurst=burst)
-    return {"bandwidth": bw}

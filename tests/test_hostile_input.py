@@ -1,0 +1,92 @@
+"""Property-based: whatever the runtime sends, the answer is a spec result or a spec
+error with a known code: never a traceback (999), never a crash. CNI_NETNS always
+names a path that does not exist, so no input can reach a real interface."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bwplugin import cli
+
+KNOWN_CODES = {1, 2, 3, 4, 5, 6, 7, 11, 50, 100, 101, 102, 103, 104}
+NO_NETNS = "/nonexistent/bwpt-netns"
+
+numbers = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=20),
+)
+json_values = st.recursive(
+    st.one_of(numbers, st.text(max_size=30)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=12,
+)
+bandwidth = st.fixed_dictionaries(
+    {},
+    optional={k: numbers for k in ("ingressRate", "ingressBurst", "egressRate", "egressBurst")},
+)
+configs = st.fixed_dictionaries(
+    {},
+    optional={
+        "cniVersion": st.one_of(
+            st.sampled_from(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "0.2.0", "2.0"]), numbers
+        ),
+        "name": st.one_of(st.text(max_size=300), numbers),
+        "type": st.just("bwplugin"),
+        "runtimeConfig": st.one_of(
+            st.fixed_dictionaries({"bandwidth": st.one_of(bandwidth, json_values)}), json_values
+        ),
+        "prevResult": st.one_of(
+            st.fixed_dictionaries(
+                {"cniVersion": st.just("1.0.0")},
+                optional={
+                    "interfaces": json_values,
+                    "ips": st.lists(st.fixed_dictionaries({"address": st.one_of(st.text(max_size=20), numbers)})),
+                },
+            ),
+            json_values,
+        ),
+        "latencyMs": numbers,
+        "maxBurstMs": numbers,
+        "egressRate": numbers,
+        "ingressBurst": numbers,
+    },
+)
+ifnames = st.one_of(st.sampled_from(["eth0", "x" * 15, "x" * 16, ".", "..", "a/b", "a b", "é" * 8, ""]), st.text())
+container_ids = st.one_of(st.sampled_from(["abc", "a" * 64, "a" * 1000, "-x", "a b", ""]), st.text(max_size=80))
+
+
+def check(code: int, out: dict[str, Any] | None) -> None:
+    if code == 0:
+        assert out is None or isinstance(out, dict)
+        json.dumps(out)
+        return
+    assert code == 1 and isinstance(out, dict)
+    assert out["code"] in KNOWN_CODES, out
+    assert isinstance(out["msg"], str) and out["msg"]
+    assert out["cniVersion"] in ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    command=st.sampled_from(["ADD", "CHECK", "VERSION", "FROB", ""]),
+    cid=container_ids,
+    ifname=ifnames,
+    conf=st.one_of(configs, json_values),
+)
+def test_any_config_and_env_gets_a_spec_answer(command: str, cid: str, ifname: str, conf: Any) -> None:
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": ifname, "CNI_NETNS": NO_NETNS}
+    check(*cli.run(env, json.dumps(conf).encode()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_any_bytes_on_stdin_get_a_spec_answer(raw: bytes) -> None:
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_NETNS": NO_NETNS}
+    check(*cli.run(env, raw))
