@@ -24,7 +24,7 @@ M = 1_000_000
 RUNTIME_BURSTS = {"containerd": CONTAINERD_BURST, "cri-o": CRIO_BURST, "small": 80_000}
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
-        "accuracy": {"rates": [10 * M], "protos": ["tcp"], "repeats": 1, "seconds": 1},
+        "accuracy": {"rates": [10 * M], "protos": ["tcp"], "repeats": 1, "seconds": 2},
         "bursts": {"rate": 10 * M, "burst_sets": {"containerd": CONTAINERD_BURST}},
         "latency": {"rates": [10 * M], "count": 20},
         "fairness": {"rate": 10 * M, "flow_counts": [4], "seconds": 1},

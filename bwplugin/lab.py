@@ -43,6 +43,10 @@ def runtime_bandwidth(ingress: int = 0, egress: int = 0, burst: int = CONTAINERD
     return {"bandwidth": bw}
 
 
+class IperfError(RuntimeError):
+    """iperf3 reported no result (for example: the server was still busy)."""
+
+
 @dataclass
 class Pod:
     name: str
@@ -286,9 +290,16 @@ class Lab:
             argv.append("-R")
         if udp_rate:
             argv += ["-u", "-b", str(udp_rate), "-l", "1400"]
-        out = self.run(client.netns, *argv, timeout=seconds + 60).stdout
-        result: dict[str, Any] = json.loads(out)
-        return result
+        for attempt in range(3):  # the server may still be closing the previous test
+            proc = subprocess.run(
+                ["nsenter", f"--net={client.netns}", *argv], capture_output=True, text=True, timeout=seconds + 60
+            )
+            result: dict[str, Any] = json.loads(proc.stdout) if proc.stdout.strip() else {}
+            if proc.returncode == 0 and "error" not in result and result.get("end"):
+                return result
+            if attempt < 2:
+                time.sleep(1)
+        raise IperfError(f"iperf3 {' '.join(argv[1:])}: {result.get('error') or proc.stderr.strip()}")
 
     def host_link(self, name: str) -> Any:
         with Netlink.in_netns(self.node) as nl:

@@ -84,6 +84,8 @@ class Sampler:
     def steady_rate(self, dev: str, skip: float = 1.0, tail: float = 0.3) -> float:
         """Bits/s from `skip` s after the flow started to `tail` s before it ended."""
         first, last = self.active(dev)
+        if last - tail - (first + skip) < 0.5:  # a short flow: use all of it
+            return self.rate(dev, first, last)
         return self.rate(dev, first + skip, last - tail)
 
     def per_second(self, dev: str, start: float, end: float) -> list[float]:
