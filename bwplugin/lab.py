@@ -300,7 +300,3 @@ class Lab:
             if attempt < 2:
                 time.sleep(1)
         raise IperfError(f"iperf3 {' '.join(argv[1:])}: {result.get('error') or proc.stderr.strip()}")
-
-    def host_link(self, name: str) -> Any:
-        with Netlink.in_netns(self.node) as nl:
-            return nl.link(name=name)

@@ -323,10 +323,6 @@ class Netlink:
             raise
         return parse_tc(replies[0]) if replies else None
 
-    def qdiscs(self, index: int) -> list[TcObject]:
-        objs = [parse_tc(p) for p in self.dump(RTM_GETQDISC, tcmsg(0), "dump qdiscs")]
-        return [o for o in objs if o.index == index]
-
     def filters(self, index: int, parent: int) -> list[TcObject]:
         body = tcmsg(index, 0, parent)
         try:

@@ -422,9 +422,6 @@ def status_problems() -> list[str]:
         build = Path(f"/lib/modules/{os.uname().release}/build")
         if not build.exists():
             problems.append(f"kernel headers are missing ({build}) and no compiled program is pinned")
-    for dev in ("/sys/class/net",):
-        if not os.path.isdir(dev):
-            problems.append(f"{dev} is missing")
     return problems
 
 
