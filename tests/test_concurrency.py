@@ -1,0 +1,97 @@
+"""32 ADDs, then 32 CHECKs, then 32 DELs at once: no lost or crossed state.
+Plugin processes are started with nsenter (no preexec_fn: not safe with threads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+import pytest
+
+from bwplugin import bpf
+from bwplugin.lab import Lab, Pod
+from bwplugin.libcni import plugin_conf
+
+from .conftest import bandwidth, shaper
+from .oracle import settled_ifbs, view
+
+pytestmark = pytest.mark.kernel
+PARALLEL = 32
+
+
+def spawn(lab: Lab, command: str, pod: Pod, conf: dict[str, Any]) -> subprocess.Popen[bytes]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": f"{pod.name}-cid",
+        "CNI_NETNS": pod.netns,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(lab.bin_dir),
+        **lab.runtime.extra_env,
+    }
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={lab.node}", str(lab.bin_dir / "bwplugin")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(conf).encode())
+    proc.stdin.close()
+    return proc
+
+
+def run_all(lab: Lab, command: str, pods: list[Pod], confs: list[dict[str, Any]]) -> list[tuple[int, bytes]]:
+    procs = [spawn(lab, command, pod, conf) for pod, conf in zip(pods, confs, strict=True)]
+    out = []
+    for proc in procs:
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout = proc.stdout.read()
+        proc.stderr.read()
+        out.append((proc.wait(timeout=120), stdout))
+    return out
+
+
+def attach_count() -> int:
+    fd = bpf.open_map()
+    if fd is None:
+        return 0
+    try:
+        return len(bpf.attach_entries(fd))
+    finally:
+        os.close(fd)
+
+
+def test_parallel_add_check_del(lab: Lab) -> None:
+    ptp_only = lab.conflist(None)
+    pods = [lab.pod(f"c{i}") for i in range(PARALLEL)]
+    for pod in pods:
+        lab.attach(pod, ptp_only)  # ptp ADD, sequentially
+    rates = [(1 + i) * 1_000_000 for i in range(PARALLEL)]  # every pod different: crossed state would show
+    confs = [
+        plugin_conf(ptp_only, shaper(), pod.attachment.result, bandwidth(ingress=rate, egress=2 * rate))
+        for pod, rate in zip(pods, rates, strict=True)
+    ]
+    before = attach_count()
+
+    added = run_all(lab, "ADD", pods, confs)
+    assert all(rc == 0 for rc, _ in added), [o for rc, o in added if rc]
+    results = [json.loads(out) for _, out in added]
+    kv = view(lab.node)
+    for pod, result, rate in zip(pods, results, rates, strict=True):
+        veth = next(i["name"] for i in result["interfaces"] if i["name"].startswith("veth"))
+        ifb = result["interfaces"][-1]["name"]
+        assert kv.tbf(veth)["rate"] == rate // 8, pod.name
+        assert kv.tbf(ifb)["rate"] == 2 * rate // 8, pod.name
+    ids = [f[0]["classid"] for f in kv.filters.values()]
+    assert len(ids) == PARALLEL and len(set(ids)) == PARALLEL  # no id handed out twice
+
+    checks = run_all(lab, "CHECK", pods, [{**c, "prevResult": r} for c, r in zip(confs, results, strict=True)])
+    assert all(rc == 0 for rc, _ in checks), [o for rc, o in checks if rc]
+
+    deleted = run_all(lab, "DEL", pods, [{**c, "prevResult": r} for c, r in zip(confs, results, strict=True)])
+    assert all(rc == 0 for rc, _ in deleted), [o for rc, o in deleted if rc]
+    assert settled_ifbs(lab.node) == []
+    kv = view(lab.node)
+    assert not any(kv.has_clsact(n) or kv.tbf(n) for n in kv.links)
+    assert attach_count() == before
