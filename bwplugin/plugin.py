@@ -183,12 +183,13 @@ def _add_egress(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, d: Directi
 
 
 def _remove_stale_ifb(nl: Netlink, name: str) -> None:
-    """Our name exists only if an earlier ADD died before its DEL: replace it, but
-    only if its alias proves it is ours."""
+    """Our name exists only if an earlier ADD died before its DEL: replace it."""
     old = nl.link(name=name)
     if old is None:
         return
-    if old.kind != "ifb" or parse_alias(old.alias) is None:
+    # an ifb with exactly this attachment's hashed name is ours even without its alias
+    # (an ADD killed between creating it and labelling it); anything else is not
+    if old.kind != "ifb":
         raise ForeignObjectError(f"a {old.kind or 'device'} named {name} exists and was not created by bwplugin")
     log(f"removing stale ifb {name} left by an earlier ADD")
     nl.delete_link(old.index)
@@ -207,7 +208,7 @@ def cmd_del(env: Env, conf: NetConf) -> None:
     with Netlink() as nl:
         ifb = nl.link(name=name)
         label = parse_alias(ifb.alias) if ifb else None
-        if ifb is not None and (ifb.kind != "ifb" or label is None):
+        if ifb is not None and ifb.kind != "ifb":
             ifb = None  # a foreign device with our name: not ours to delete
         host_index = _del_host_index(nl, env, conf, label)
         attach_id = label.attach_id if label else None
