@@ -3,6 +3,7 @@ bwplugin's own netlink code, so the tests do not grade their own homework."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,3 +84,16 @@ def _has_redirect(kv: KernelView, ifb: str) -> bool:
 
     label = parse_alias(kv.links[ifb]["alias"])
     return any(f["classid"] == label.attach_id for fs in kv.filters.values() for f in fs) if label else False
+
+
+def attach_count() -> int:
+    """Entries in the pinned attach map (0 when it does not exist)."""
+    from bwplugin import bpf
+
+    fd = bpf.open_map()
+    if fd is None:
+        return 0
+    try:
+        return len(bpf.attach_entries(fd))
+    finally:
+        os.close(fd)

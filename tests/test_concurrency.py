@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 
-from bwplugin import bpf
 from bwplugin.lab import Lab, Pod
 from bwplugin.libcni import plugin_conf
 
 from .conftest import bandwidth, shaper
-from .oracle import settled_ifbs, view
+from .oracle import attach_count, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 PARALLEL = 32
@@ -50,16 +49,6 @@ def run_all(lab: Lab, command: str, pods: list[Pod], confs: list[dict[str, Any]]
         proc.stderr.read()
         out.append((proc.wait(timeout=120), stdout))
     return out
-
-
-def attach_count() -> int:
-    fd = bpf.open_map()
-    if fd is None:
-        return 0
-    try:
-        return len(bpf.attach_entries(fd))
-    finally:
-        os.close(fd)
 
 
 def test_parallel_add_check_del(lab: Lab) -> None:

@@ -8,12 +8,11 @@ import os
 
 import pytest
 
-from bwplugin import bpf
 from bwplugin.lab import Lab
 from bwplugin.libcni import PluginFailed
 
 from .conftest import bandwidth, shaper
-from .oracle import settled_ifbs, view
+from .oracle import attach_count, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 CYCLES = int(os.environ.get("BWPLUGIN_SOAK_CYCLES", "200"))
@@ -23,16 +22,6 @@ BATCH = 10
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
-
-
-def attach_count() -> int:
-    fd = bpf.open_map()
-    if fd is None:
-        return 0
-    try:
-        return len(bpf.attach_entries(fd))
-    finally:
-        os.close(fd)
 
 
 def test_soak_add_del_cycles_leak_nothing() -> None:
