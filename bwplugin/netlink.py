@@ -332,9 +332,6 @@ class Netlink:
                 return []
             raise
 
-    def tc_request(self, msg_type: int, flags: int, body: bytes, what: str) -> None:
-        self.request(msg_type, flags, body, what)
-
 
 def _new_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)

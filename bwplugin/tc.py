@@ -89,12 +89,12 @@ def add_tbf(nl: Netlink, index: int, params: TBFParams) -> None:
     if params.rate > 0xFFFFFFFF:
         opts += nla_u64(TCA_TBF_RATE64, params.rate)
     body = tcmsg(index, TBF_HANDLE, TC_H_ROOT) + nla_str(1, "tbf") + nla(2, opts)
-    nl.tc_request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, body, f"add tbf on ifindex {index}")
+    nl.request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, body, f"add tbf on ifindex {index}")
 
 
 def add_clsact(nl: Netlink, index: int) -> None:
     body = tcmsg(index, CLSACT_HANDLE, TC_H_CLSACT) + nla_str(1, "clsact")
-    nl.tc_request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, body, f"add clsact on ifindex {index}")
+    nl.request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, body, f"add clsact on ifindex {index}")
 
 
 def add_bpf_filter(nl: Netlink, index: int, prog_fd: int, name: str, classid: int) -> None:
@@ -104,13 +104,13 @@ def add_bpf_filter(nl: Netlink, index: int, prog_fd: int, name: str, classid: in
     opts += nla_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT)
     info = (FILTER_PRIO << 16) | ETH_P_ALL_BE
     body = tcmsg(index, FILTER_HANDLE, CLSACT_INGRESS, info) + nla_str(1, "bpf") + nla(2, opts)
-    nl.tc_request(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, body, f"add bpf filter on ifindex {index}")
+    nl.request(RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL, body, f"add bpf filter on ifindex {index}")
 
 
 def delete_qdisc(nl: Netlink, index: int, parent: int, handle: int) -> bool:
     """Delete one qdisc; False if it (or the device) was already gone."""
     try:
-        nl.tc_request(RTM_DELQDISC, 0, tcmsg(index, handle, parent), f"delete qdisc on ifindex {index}")
+        nl.request(RTM_DELQDISC, 0, tcmsg(index, handle, parent), f"delete qdisc on ifindex {index}")
     except NetlinkError as exc:
         if exc.errno in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
             return False

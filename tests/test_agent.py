@@ -15,7 +15,7 @@ from bwplugin.agent import decode_request, encode_reply
 from bwplugin.client import decode_reply, encode_request
 from bwplugin.lab import Lab
 from bwplugin.libcni import (
-    PluginFailed,  # noqa: I001
+    PluginFailed,
     plugin_conf,
 )
 from bwplugin.naming import parse_alias

@@ -365,7 +365,7 @@ def test_bad_config_through_the_executable(lab: Lab) -> None:
             ).encode(),
             7,
             "prevResult is required",
-        ),  # noqa: E501
+        ),
     ]
     for stdin, code, needle in cases:
         inv = lab.exec_shaper("ADD", pod, stdin)
