@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any
 
 from .errors import DecodeError, IncompatibleVersionError, InvalidConfigError, InvalidEnvError
@@ -23,6 +24,9 @@ MAX_RATE = 10**15  # 1 Pbit/s
 MAX_BURST = 8 * (2**32) - 1  # the reference's "burst cannot be more than 4GB" (burst/8 < 2^32)
 DEFAULT_LATENCY_MS = 25.0
 DEFAULT_MAX_BURST_MS = 10.0
+SUBNET_KEYS = ("shapedSubnets", "unshapedSubnets")
+MAX_SUBNETS = 64  # per attachment
+REDIRECT_MODES = ("auto", "bpf", "mirred")
 
 _CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 _IFNAME_BAD = re.compile(r"[/:\s]")
@@ -61,10 +65,24 @@ class Bandwidth:
 
 @dataclass(frozen=True)
 class Policy:
-    """How rates become queues: queue bounded by latency, burst capped by time."""
+    """How rates become queues: queue bounded by latency, burst capped by time;
+    and how pod egress reaches its ifb (eBPF redirect, or act_mirred before 6.4)."""
 
     latency_ms: float = DEFAULT_LATENCY_MS
     max_burst_ms: float = DEFAULT_MAX_BURST_MS  # 0 disables the cap
+    egress_redirect: str = "auto"  # "auto" (probe the kernel), "bpf" or "mirred"
+
+
+@dataclass(frozen=True)
+class Subnets:
+    """shapedSubnets (only these peers are shaped) or unshapedSubnets (all but these)."""
+
+    listed_shaped: bool  # True: shapedSubnets; False: unshapedSubnets
+    networks: tuple[IPv4Network | IPv6Network, ...]
+
+    @property
+    def key(self) -> str:
+        return "shapedSubnets" if self.listed_shaped else "unshapedSubnets"
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,7 @@ class NetConf:
     policy: Policy
     prev_result: dict[str, Any] | None
     valid_attachments: tuple[Attachment, ...] | None = None
+    subnets: Subnets | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -182,6 +201,7 @@ def parse_netconf(doc: Mapping[str, Any]) -> NetConf:
         policy=parse_policy(doc),
         prev_result=prev,
         valid_attachments=parse_valid_attachments(doc),
+        subnets=parse_subnets(doc),
         raw=doc,
     )
 
@@ -244,10 +264,49 @@ def _number_field(key: str, value: Any, low: float, high: float) -> float:
 
 
 def parse_policy(doc: Mapping[str, Any]) -> Policy:
+    mode = doc.get("egressRedirect", "auto")
+    if mode not in REDIRECT_MODES:
+        raise InvalidConfigError(f"egressRedirect={mode!r} must be one of {', '.join(REDIRECT_MODES)}")
     return Policy(
         latency_ms=_number_field("latencyMs", doc.get("latencyMs", DEFAULT_LATENCY_MS), 1, 10_000),
         max_burst_ms=_number_field("maxBurstMs", doc.get("maxBurstMs", DEFAULT_MAX_BURST_MS), 0, 60_000),
+        egress_redirect=mode,
     )
+
+
+def parse_subnets(doc: Mapping[str, Any]) -> Subnets | None:
+    """Top-level keys win over runtimeConfig.bandwidth's, as the rates do."""
+    runtime = doc.get("runtimeConfig")
+    bw = runtime.get("bandwidth") if isinstance(runtime, dict) else None
+    for src, prefix in ((doc, ""), (bw, "runtimeConfig.bandwidth.")):
+        if not isinstance(src, dict):
+            continue
+        present = [k for k in SUBNET_KEYS if src.get(k) is not None]
+        if len(present) == 2:
+            raise InvalidConfigError(f"{prefix}shapedSubnets and {prefix}unshapedSubnets are mutually exclusive")
+        if present:
+            key = present[0]
+            nets = _networks(prefix + key, src[key])
+            return Subnets(key == "shapedSubnets", nets) if nets else None
+    return None
+
+
+def _networks(key: str, value: Any) -> tuple[IPv4Network | IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise InvalidConfigError(f"{key} must be a list of CIDRs, got {value!r}")
+    if len(value) > MAX_SUBNETS:
+        raise InvalidConfigError(f"{key} has {len(value)} entries; at most {MAX_SUBNETS} are supported")
+    out: list[IPv4Network | IPv6Network] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or "/" not in item:
+            raise InvalidConfigError(f"{key}[{i}]={item!r} is not a CIDR such as 10.0.0.0/8 or fd00::/8")
+        try:
+            net = ip_network(item, strict=True)
+        except ValueError as exc:
+            raise InvalidConfigError(f"{key}[{i}]={item!r} is not a valid CIDR: {exc}") from exc
+        if net not in out:
+            out.append(net)
+    return tuple(out)
 
 
 def parse_valid_attachments(doc: Mapping[str, Any]) -> tuple[Attachment, ...] | None:

@@ -91,3 +91,9 @@ class BPFUnavailableError(CNIError):
     """The eBPF program cannot be compiled or loaded (bcc, headers, bpffs)."""
 
     code = 104
+
+
+class KernelFeatureError(KernelError):
+    """The kernel lacks a qdisc, classifier, action or device kind we need."""
+
+    code = 105

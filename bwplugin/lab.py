@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bpf
+from . import bpf, tc
 from .install import REFERENCE_DIR, install
 from .libcni import Attachment, Runtime
-from .naming import parse_alias
 from .netlink import Netlink
 
 PREFIX = "bwpt"
@@ -169,21 +168,25 @@ class Lab:
             remove_pin_dir(os.environ.pop("BWPLUGIN_PIN_DIR"))
 
     def _purge_map_entries(self) -> None:
-        """Map entries of ifbs still in this node namespace (a DEL that failed) would
-        outlive it: remove them by the ids their aliases record."""
-        if not os.path.exists(self.node):
-            return
-        fd = bpf.open_map()
+        """Map entries of this lab's attachments that a failed DEL left behind would
+        outlive it: those of its container IDs, and those its node's veths carry."""
+        fd, lpm = bpf.open_map(), bpf.open_lpm()
         if fd is None:
             return
         try:
-            with Netlink.in_netns(self.node) as nl:
-                labels = [parse_alias(link.alias) for link in nl.links() if link.kind == "ifb"]
-            for label in labels:
-                if label is not None:
-                    bpf.map_delete(fd, bpf.attach_key(label.attach_id))
+            carried: set[int] = set()
+            if os.path.exists(self.node):
+                with Netlink.in_netns(self.node) as nl:
+                    for link in nl.links():
+                        if link.kind == "veth":
+                            carried |= {f.classid for f in tc.our_filters(nl, link.index).values()}
+            for attach_id, entry in bpf.attach_entries(fd).items():
+                if attach_id in carried or entry.container_id.startswith(f"{PREFIX}-{self.tag}-"):
+                    bpf.release(fd, lpm, attach_id)
         finally:
             os.close(fd)
+            if lpm is not None:
+                os.close(lpm)
 
     # ------------------------------------------------------------ pods
 
@@ -290,13 +293,17 @@ class Lab:
             argv.append("-R")
         if udp_rate:
             argv += ["-u", "-b", str(udp_rate), "-l", "1400"]
-        for attempt in range(3):  # the server may still be closing the previous test
+        # the server may still be closing the previous test (a bloated queue can hold
+        # its end-of-test exchange for tens of seconds): retry while it says busy
+        deadline = time.monotonic() + 45
+        while True:
             proc = subprocess.run(
                 ["nsenter", f"--net={client.netns}", *argv], capture_output=True, text=True, timeout=seconds + 60
             )
             result: dict[str, Any] = json.loads(proc.stdout) if proc.stdout.strip() else {}
             if proc.returncode == 0 and "error" not in result and result.get("end"):
                 return result
-            if attempt < 2:
-                time.sleep(1)
+            if "busy" not in str(result.get("error", "")) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         raise IperfError(f"iperf3 {' '.join(argv[1:])}: {result.get('error') or proc.stderr.strip()}")

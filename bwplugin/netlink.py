@@ -37,11 +37,13 @@ NLA_TYPE_MASK = 0x3FFF
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
+RTM_NEWTCLASS, RTM_GETTCLASS = 40, 42
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK = 1, 3, 4, 5
-IFLA_LINKINFO, IFLA_IFALIAS, IFLA_LINK_NETNSID = 18, 20, 37
-IFLA_INFO_KIND = 1
+IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64, IFLA_LINK_NETNSID = 18, 20, 23, 37
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+VETH_INFO_PEER = 1
 IFF_UP = 0x1
 
 CLONE_NEWNET = 0x40000000
@@ -134,6 +136,7 @@ class Link:
     peer_netnsid: int | None  # IFLA_LINK_NETNSID: set when the peer is in another netns
     alias: str | None
     mac: str
+    tx_packets: int = 0  # from IFLA_STATS64
 
     @property
     def up(self) -> bool:
@@ -155,7 +158,13 @@ def parse_link(payload: bytes) -> Link:
         peer_netnsid=attr_u32(attrs, IFLA_LINK_NETNSID),
         alias=attr_str(attrs, IFLA_IFALIAS),
         mac=":".join(f"{b:02x}" for b in mac),
+        tx_packets=_tx_packets(attrs.get(IFLA_STATS64)),
     )
+
+
+def _tx_packets(stats64: bytes | None) -> int:
+    # struct rtnl_link_stats64 starts rx_packets, tx_packets
+    return int(struct.unpack_from("=QQ", stats64)[1]) if stats64 and len(stats64) >= 16 else 0
 
 
 @dataclass
@@ -169,6 +178,7 @@ class TcObject:
     kind: str
     options: dict[int, bytes] = field(default_factory=dict)
     stats2: dict[int, bytes] = field(default_factory=dict)
+    raw_options: bytes = b""  # TCA_OPTIONS as sent (fifo qdiscs: a bare struct, not attributes)
 
 
 def parse_tc(payload: bytes) -> TcObject:
@@ -182,6 +192,7 @@ def parse_tc(payload: bytes) -> TcObject:
         kind=attr_str(attrs, 1) or "",  # TCA_KIND
         options=parse_attrs(attrs.get(2, b"")),  # TCA_OPTIONS
         stats2=parse_attrs(attrs.get(7, b"")),  # TCA_STATS2
+        raw_options=attrs.get(2, b""),
     )
 
 
@@ -292,6 +303,12 @@ class Netlink:
             attrs += nla_u32(IFLA_MTU, mtu)
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, ifinfomsg() + attrs, f"create {kind} {name}")
 
+    def create_veth(self, name: str, peer: str) -> None:
+        peer_info = nla(VETH_INFO_PEER, ifinfomsg() + nla_str(IFLA_IFNAME, peer))
+        info = nla_str(IFLA_INFO_KIND, "veth") + nla_nested(IFLA_INFO_DATA, peer_info)
+        attrs = nla_str(IFLA_IFNAME, name) + nla_nested(IFLA_LINKINFO, info)
+        self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, ifinfomsg() + attrs, f"create veth {name}")
+
     def set_link(self, index: int, *, up: bool | None = None, alias: str | None = None) -> None:
         flags = change = 0
         if up is not None:
@@ -322,6 +339,14 @@ class Netlink:
                 return None
             raise
         return parse_tc(replies[0]) if replies else None
+
+    def classes(self, index: int) -> list[TcObject]:
+        try:
+            return [parse_tc(p) for p in self.dump(RTM_GETTCLASS, tcmsg(index), f"dump classes on {index}")]
+        except NetlinkError as exc:
+            if exc.errno in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+                return []
+            raise
 
     def filters(self, index: int, parent: int) -> list[TcObject]:
         body = tcmsg(index, 0, parent)

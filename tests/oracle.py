@@ -15,12 +15,20 @@ class KernelView:
     links: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {index, kind, alias}
     qdiscs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dev -> [{kind, handle, parent, ...}]
     filters: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dev -> bpf filters on clsact ingress
+    out_filters: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dev -> ... on clsact egress
+    classes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # dev -> htb classes
 
     def tbf(self, dev: str) -> dict[str, Any] | None:
         for q in self.qdiscs.get(dev, []):
             if q["kind"] == "tbf" and q["parent"] == 0xFFFFFFFF:
                 return q
         return None
+
+    def root(self, dev: str) -> dict[str, Any] | None:
+        return next((q for q in self.qdiscs.get(dev, []) if q["parent"] == 0xFFFFFFFF), None)
+
+    def htb_class(self, dev: str, classid: int) -> dict[str, Any] | None:
+        return next((c for c in self.classes.get(dev, []) if c["handle"] == classid), None)
 
     def has_clsact(self, dev: str) -> bool:
         return any(q["kind"] == "clsact" for q in self.qdiscs.get(dev, []))
@@ -47,20 +55,30 @@ def view(netns: str) -> KernelView:
             if entry["kind"] == "tbf":
                 parms = q.get_attr("TCA_OPTIONS").get_attr("TCA_TBF_PARMS")
                 entry.update(rate=parms["rate"], limit=parms["limit"], buffer=parms["buffer"])
+            if entry["kind"] == "htb":
+                entry["defcls"] = q.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_INIT")["defcls"]
             out.qdiscs.setdefault(names.get(q["index"], str(q["index"])), []).append(entry)
         for index, name in names.items():
+            if any(q["kind"] == "htb" for q in out.qdiscs.get(name, [])):
+                for c in ipr.get_classes(index=index):
+                    parms = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
+                    out.classes.setdefault(name, []).append(
+                        {"handle": c["handle"], "rate": parms["rate"], "quantum": parms["quantum"]}
+                    )
             if not out.has_clsact(name):
                 continue
-            for f in ipr.get_filters(index=index, parent=0xFFFFFFF2):
-                opts = f.get_attr("TCA_OPTIONS")
-                if f.get_attr("TCA_KIND") == "bpf" and opts:
-                    out.filters.setdefault(name, []).append(
-                        {
-                            "name": opts.get_attr("TCA_BPF_NAME"),
-                            "classid": opts.get_attr("TCA_BPF_CLASSID"),
-                            "flags": opts.get_attr("TCA_BPF_FLAGS"),
-                        }
-                    )
+            for parent, into in ((0xFFFFFFF2, out.filters), (0xFFFFFFF3, out.out_filters)):
+                for f in ipr.get_filters(index=index, parent=parent):
+                    opts = f.get_attr("TCA_OPTIONS")
+                    if f.get_attr("TCA_KIND") == "bpf" and opts:
+                        into.setdefault(name, []).append(
+                            {
+                                "name": opts.get_attr("TCA_BPF_NAME"),
+                                "classid": opts.get_attr("TCA_BPF_CLASSID"),
+                                "flags": opts.get_attr("TCA_BPF_FLAGS"),
+                                "actions": [a.get_attr("TCA_ACT_KIND") for a in opts.get_attr("TCA_BPF_ACT") or []],
+                            }
+                        )
     return out
 
 

@@ -19,7 +19,7 @@ def run(exe: Path, command: str, stdin: dict[str, object], **env: str) -> subpro
 def test_launcher_runs_from_a_package_copy(tmp_path: Path) -> None:
     exe = install(tmp_path / "bin", lib=tmp_path / "lib")
     assert (tmp_path / "lib" / "bwplugin" / "client.py").exists()
-    assert (tmp_path / "lib" / "bpf" / "bwp_egress.c").exists()
+    assert (tmp_path / "lib" / "bpf" / "bwplugin.c").exists()
     assert f"'{tmp_path / 'lib'}'" in exe.read_text() and exe.read_text().startswith("#!")
     out = run(exe, "VERSION", {"cniVersion": "0.4.0"})
     assert out.returncode == 0 and json.loads(out.stdout)["cniVersion"] == "0.4.0"

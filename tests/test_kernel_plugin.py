@@ -85,13 +85,17 @@ def test_add_check_del_every_version(lab: Lab, version: str) -> None:
     assert egress and egress["rate"] == 2_500_000
     assert kv.has_clsact(veth)
     (flt,) = kv.filters[veth]
-    assert flt["name"].startswith("bwplugin:egress_") and flt["flags"] == 1  # direct action
+    assert flt["name"].startswith("bwplugin:bwp_from_pod_") and flt["flags"] == 1  # direct action
+    (out_flt,) = kv.out_filters[veth]
+    assert out_flt["name"].startswith("bwplugin:bwp_to_pod_") and out_flt["classid"] == flt["classid"]
     label = parse_alias(kv.links[ifb]["alias"])
     assert label and label.attach_id == flt["classid"] and label.host_index == kv.links[veth]["index"]
     fd = bpf.open_map()
     entry = bpf.attach_get(fd, label.attach_id)
     os.close(fd)
-    assert entry and entry.ifb_index == kv.links[ifb]["index"]
+    assert entry and entry.ifb_index == kv.links[ifb]["index"] and entry.host_index == kv.links[veth]["index"]
+    assert (entry.container_id, entry.ifname) == (att.container_id, "eth0")
+    assert entry.owner == bpf.owner_hash("bwpt-net", att.container_id, "eth0")
 
     if version >= "0.4.0":
         att.check()
@@ -128,8 +132,15 @@ def test_runtime_config_used_without_static(lab: Lab) -> None:
     pod = lab.pod("a")
     lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000))
     kv = view(lab.node)
-    assert kv.tbf(host_veth(pod))["rate"] == 1_250_000
-    assert kv.ifbs() == [] and not kv.has_clsact(host_veth(pod))
+    veth = host_veth(pod)
+    assert kv.tbf(veth)["rate"] == 1_250_000
+    assert kv.ifbs() == []
+    # the pod's egress is only counted: its filter has no ifb to redirect to
+    (flt,) = kv.filters[veth]
+    fd = bpf.open_map()
+    entry = bpf.attach_get(fd, flt["classid"])
+    os.close(fd)
+    assert entry and entry.ifb_index == 0 and entry.flags == bpf.F_INGRESS_SHAPED
 
 
 def test_egress_only(lab: Lab) -> None:
@@ -264,7 +275,7 @@ def test_check_detects_detached_program(lab: Lab) -> None:
     lab.run(lab.node, "tc", "filter", "del", "dev", host_veth(pod), "ingress", "pref", str(0xB0D))
     with pytest.raises(PluginFailed) as err:
         att.check()
-    assert "bpf filter" in err.value.error["msg"] and "missing" in err.value.error["msg"]
+    assert "from-pod filter on" in err.value.error["msg"] and "missing" in err.value.error["msg"]
 
 
 def test_check_detects_unexpected_shaping(lab: Lab) -> None:
@@ -273,7 +284,7 @@ def test_check_detects_unexpected_shaping(lab: Lab) -> None:
     att.runtime_config = bandwidth(egress=10_000_000)  # ingress no longer configured
     with pytest.raises(PluginFailed) as err:
         att.check()
-    assert "no ingress rate is configured" in err.value.error["msg"]
+    assert "ingress qdisc on" in err.value.error["msg"] and "this direction has no rate" in err.value.error["msg"]
 
 
 # ---------------------------------------------------------------- ADD rolls back
