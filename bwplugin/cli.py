@@ -90,6 +90,10 @@ def _run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] 
 
 
 def main(stdin: bytes | None = None) -> int:
+    if stdin is None and len(sys.argv) > 1:
+        from .tools import main as tool
+
+        return tool(sys.argv[1:])
     code, out = run(os.environ, sys.stdin.buffer.read() if stdin is None else stdin)
     if out is not None:
         sys.stdout.write(json.dumps(out) + "\n")

@@ -86,6 +86,10 @@ def forward(sock: _socket.socket, stdin: bytes) -> int:
 
 
 def main() -> int:
+    if len(sys.argv) > 1:  # runtimes pass no arguments; people run `bwplugin stats`
+        from bwplugin.tools import main as tool
+
+        return tool(sys.argv[1:])
     stdin = sys.stdin.buffer.read()
     sock = _connect()
     if sock is not None:

@@ -57,6 +57,13 @@ class Pod:
         assert self.attachment and self.attachment.result
         return str(self.attachment.result["ips"][0]["address"]).split("/")[0]
 
+    @property
+    def ip6(self) -> str:
+        assert self.attachment and self.attachment.result
+        return next(
+            str(ip["address"]).split("/")[0] for ip in self.attachment.result["ips"] if ":" in str(ip["address"])
+        )
+
 
 def remove_pin_dir(path: str) -> None:
     """Unpin (attached programs live on until their filters go) and remove the dir."""
@@ -215,17 +222,19 @@ class Lab:
         name: str = "bwpt-net",
         mtu: int = 0,
         subnet: str | None = None,
+        subnet6: str | None = None,
     ) -> dict[str, Any]:
-        ptp: dict[str, Any] = {
-            "type": "ptp",
-            "ipMasq": False,
-            "ipam": {
-                "type": "host-local",
-                "subnet": subnet or self.subnet,
-                "dataDir": str(self.tmp / "ipam"),
-                "routes": [{"dst": "0.0.0.0/0"}],
-            },
+        """A ptp network; with subnet6, dual-stack (one IPv4 and one IPv6 address)."""
+        ipam: dict[str, Any] = {
+            "type": "host-local",
+            "subnet": subnet or self.subnet,
+            "dataDir": str(self.tmp / f"ipam-{name}"),
+            "routes": [{"dst": "0.0.0.0/0"}],
         }
+        if subnet6:
+            ipam["ranges"] = [[{"subnet": ipam.pop("subnet")}], [{"subnet": subnet6}]]
+            ipam["routes"].append({"dst": "::/0"})
+        ptp: dict[str, Any] = {"type": "ptp", "ipMasq": False, "ipam": ipam}
         if mtu:
             ptp["mtu"] = mtu
         if version == "1.1.0":
@@ -267,8 +276,10 @@ class Lab:
         self.procs.append(proc)
         return proc
 
-    def iperf_server(self, pod: Pod, port: int = 5201) -> subprocess.Popen[bytes]:
-        proc = self.spawn(pod.netns, "iperf3", "-s", "-B", pod.ip, "-p", str(port))
+    def iperf_server(self, pod: Pod, port: int = 5201, any_address: bool = False) -> subprocess.Popen[bytes]:
+        """Bound to the pod's IPv4 address, or (any_address) to both families."""
+        bind = () if any_address else ("-B", pod.ip)
+        proc = self.spawn(pod.netns, "iperf3", "-s", *bind, "-p", str(port))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # wait until it listens
             out = self.run(pod.netns, "ss", "-Hltn", f"sport = :{port}").stdout
@@ -287,8 +298,9 @@ class Lab:
         udp_rate: int = 0,
         port: int = 5201,
         extra: tuple[str, ...] = (),
+        server_ip: str | None = None,
     ) -> dict[str, Any]:
-        argv = ["iperf3", "-c", server.ip, "-p", str(port), "-t", str(seconds), "-O", str(omit), "-J", *extra]
+        argv = ["iperf3", "-c", server_ip or server.ip, "-p", str(port), "-t", str(seconds), "-O", str(omit), "-J", *extra]
         if reverse:
             argv.append("-R")
         if udp_rate:

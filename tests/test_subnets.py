@@ -1,0 +1,170 @@
+"""shapedSubnets / unshapedSubnets and IPv6, on real dual-stack ptp pods: an
+unshaped peer gets the veth's full speed while a shaped one is held to the rate,
+in both directions and both address families."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bwplugin import bpf
+from bwplugin.lab import Lab, Pod
+from bwplugin.libcni import PluginFailed, plugin_conf
+from bwplugin.measure import Sampler, iperf_goodput
+
+from .conftest import bandwidth, shaper
+from .oracle import view
+
+pytestmark = pytest.mark.kernel
+SUBNET6 = "fd00:b0d:1::/64"
+RATE = 10_000_000
+
+
+def host_veth(pod: Pod) -> str:
+    ifaces = pod.attachment.result["interfaces"]
+    return next(i["name"] for i in ifaces if not i.get("sandbox") and not i["name"].startswith("bwpl"))
+
+
+def wait_dad(lab: Lab, *pods: Pod) -> None:
+    """iperf3 cannot bind an IPv6 address until duplicate address detection ends."""
+    deadline = time.monotonic() + 10
+    for pod in pods:
+        while "tentative" in lab.run(pod.netns, "ip", "-6", "addr").stdout:
+            assert time.monotonic() < deadline, "IPv6 addresses stayed tentative"
+            time.sleep(0.1)
+
+
+def dual_stack_lab(lab: Lab, static: dict) -> tuple[Pod, Pod, Pod]:
+    """Two peers (fast, slow) and a pod shaped at RATE both ways with `static`
+    (whose subnets name the fast peer's addresses) on a dual-stack ptp network."""
+    conflist = lab.conflist(shaper(), subnet6=SUBNET6)
+    fast, slow, pod = lab.pod("fast"), lab.pod("slow"), lab.pod("a")
+    lab.attach(fast, conflist)
+    lab.attach(slow, conflist)
+    subnets = static["unshapedSubnets"](fast) if "unshapedSubnets" in static else static["shapedSubnets"](slow)
+    key = "unshapedSubnets" if "unshapedSubnets" in static else "shapedSubnets"
+    lab.attach(pod, lab.conflist(shaper(**{key: subnets}), subnet6=SUBNET6), bandwidth(ingress=RATE, egress=RATE))
+    wait_dad(lab, fast, slow, pod)
+    for peer in (fast, slow):
+        lab.iperf_server(peer, any_address=True)
+    return fast, slow, pod
+
+
+@pytest.fixture
+def lab1() -> Iterator[Lab]:
+    """Traffic tests run through one path (the lab fixture runs both): what is
+    measured here is the kernel's data path, which the two paths build alike."""
+    with Lab() as the_lab:
+        yield the_lab
+
+
+@pytest.mark.parametrize("key", ["unshapedSubnets", "shapedSubnets"])
+def test_subnets_split_traffic_both_directions_and_families(lab1: Lab, key: str) -> None:
+    """TCP to the unshaped peer must run far above the rate; UDP offered at 1.5x
+    the rate to the shaped peer must leave the shaper at the rate (within 2 %)."""
+    lab = lab1
+
+    def cidrs(p: Pod) -> list[str]:
+        return [f"{p.ip}/32", f"{p.ip6}/128"]
+
+    fast, slow, pod = dual_stack_lab(lab, {key: cidrs})
+    veth = host_veth(pod)
+    ifb = pod.attachment.result["interfaces"][-1]["name"]
+    kv = view(lab.node)
+    for dev in (veth, ifb):  # HTB with an explicit quantum on both sides
+        assert kv.root(dev)["kind"] == "htb"
+        shaped, unshaped = kv.htb_class(dev, 0xB0D00001), kv.htb_class(dev, 0xB0D00002)
+        assert shaped["rate"] == RATE // 8 and shaped["quantum"] > 0 and unshaped["quantum"] > 0
+    pod.attachment.check()
+
+    for family, ip_of in ((4, lambda p: p.ip), (6, lambda p: p.ip6)):
+        for reverse in (False, True):
+            where = ("ingress" if reverse else "egress", f"IPv{family}")
+            dev = veth if reverse else ifb
+            fast_bps = iperf_goodput(lab.iperf(pod, fast, seconds=1, omit=0, reverse=reverse, server_ip=ip_of(fast)))
+            assert fast_bps > 10 * RATE, (*where, "unshaped peer", fast_bps)
+            with Sampler(lab.node, [dev]) as s:
+                lab.iperf(pod, slow, seconds=2, reverse=reverse, server_ip=ip_of(slow), udp_rate=RATE * 3 // 2)
+            assert abs(s.steady_rate(dev) / RATE - 1) < 0.02, (*where, "shaped peer", s.steady_rate(dev))
+
+    # the eBPF counters saw both classes in both directions
+    fd = bpf.open_map()
+    (entry,) = [e for e in bpf.attach_entries(fd).values() if e.container_id == pod.attachment.container_id]
+    os.close(fd)
+    assert entry.from_pod_unshaped.bytes > entry.from_pod_shaped.bytes > 0
+    assert entry.to_pod_unshaped.bytes > entry.to_pod_shaped.bytes > 0
+
+
+def test_dual_stack_pod_is_shaped_in_both_families(lab1: Lab) -> None:
+    lab = lab1
+    conflist = lab.conflist(shaper(), subnet6=SUBNET6)
+    peer, pod = lab.pod("peer"), lab.pod("a")
+    lab.attach(peer, conflist)
+    lab.attach(pod, conflist, bandwidth(ingress=RATE, egress=RATE))
+    assert {":" in str(ip["address"]) for ip in pod.attachment.result["ips"]} == {True, False}
+    wait_dad(lab, peer, pod)
+    lab.iperf_server(peer, any_address=True)
+    devices = {"egress": pod.attachment.result["interfaces"][-1]["name"], "ingress": host_veth(pod)}
+    for direction, dev in devices.items():
+        for server_ip in (peer.ip, peer.ip6):
+            with Sampler(lab.node, [dev]) as s:
+                lab.iperf(pod, peer, seconds=2, reverse=direction == "ingress", server_ip=server_ip,
+                          udp_rate=RATE * 3 // 2)  # fmt: skip
+            assert abs(s.steady_rate(dev) / RATE - 1) < 0.02, (direction, server_ip, s.steady_rate(dev))
+    pod.attachment.check()
+
+
+def test_check_detects_changed_subnets(lab: Lab) -> None:
+    conflist = lab.conflist(shaper(unshapedSubnets=["10.99.0.0/16", "fd00:99::/32"]))
+    pod = lab.pod("a")
+    att = lab.attach(pod, conflist, bandwidth(egress=RATE))
+    att.check()
+    fd, lpm = bpf.open_map(), bpf.open_lpm()
+    (attach_id,) = [i for i, e in bpf.attach_entries(fd).items() if e.container_id == att.container_id]
+    assert sorted(map(str, bpf.subnets_of(lpm, attach_id))) == ["10.99.0.0/16", "fd00:99::/32"]
+    bpf.map_delete(lpm, bpf.lpm_key(attach_id, ipaddress.ip_network("fd00:99::/32")))
+    with pytest.raises(PluginFailed) as err:
+        att.check()
+    assert err.value.error["code"] == 102 and "subnets expected" in err.value.error["msg"]
+    att.delete()
+    pod.attachment = None
+    assert attach_id not in bpf.attach_entries(fd) and attach_id not in bpf.lpm_ids(lpm)
+
+
+def test_subnets_from_runtime_config_and_bad_subnets(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(None))
+    runtime = {"bandwidth": {**bandwidth(egress=RATE)["bandwidth"], "shapedSubnets": ["192.0.2.0/24"]}}
+    conf = plugin_conf(att.conflist, shaper(), att.result, runtime)
+    inv = lab.exec_shaper("ADD", pod, conf)
+    assert inv.rc == 0, inv.stdout
+    ifb = json.loads(inv.stdout)["interfaces"][-1]["name"]
+    assert view(lab.node).root(ifb)["defcls"] == 2  # shapedSubnets: everything else is unshaped
+    assert lab.exec_shaper("DEL", pod, conf).rc == 0
+    for bad, needle in (
+        ({"shapedSubnets": ["10.0.0.0/8"], "unshapedSubnets": ["10.1.0.0/16"]}, "mutually exclusive"),
+        ({"unshapedSubnets": ["10.0.0.1/8"]}, "unshapedSubnets[0]='10.0.0.1/8' is not a valid CIDR"),
+        ({"unshapedSubnets": "10.0.0.0/8"}, "must be a list of CIDRs"),
+        ({"egressRedirect": "tunnel"}, "egressRedirect='tunnel' must be one of"),
+    ):
+        conf = plugin_conf(att.conflist, shaper(**bad), att.result, bandwidth(egress=RATE))
+        inv = lab.exec_shaper("ADD", pod, conf)
+        err = json.loads(inv.stdout)
+        assert (inv.rc, err["code"]) == (1, 7) and needle in err["msg"], err
+    assert view(lab.node).ifbs() == []
+
+
+def test_htb_logs_no_kernel_warnings(lab: Lab) -> None:
+    """The reference's subnet support was reverted over HTB quantum warnings."""
+    before = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.count("\n")
+    conflist = lab.conflist(shaper(unshapedSubnets=["10.99.0.0/16"]))
+    for name, rate in (("slow", 1_000), ("mid", 10_000_000), ("fast", 40_000_000_000)):
+        lab.attach(lab.pod(name), conflist, bandwidth(ingress=rate, egress=rate))
+    lines = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()[before:]
+    assert not [line for line in lines if "htb" in line.lower() or "quantum" in line.lower()], lines
