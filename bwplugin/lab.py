@@ -300,7 +300,8 @@ class Lab:
         extra: tuple[str, ...] = (),
         server_ip: str | None = None,
     ) -> dict[str, Any]:
-        argv = ["iperf3", "-c", server_ip or server.ip, "-p", str(port), "-t", str(seconds), "-O", str(omit), "-J", *extra]
+        argv = ["iperf3", "-c", server_ip or server.ip, "-p", str(port), "-t", str(seconds), "-O", str(omit), "-J"]
+        argv += extra
         if reverse:
             argv.append("-R")
         if udp_rate:

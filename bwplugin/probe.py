@@ -86,7 +86,7 @@ def missing_kinds(kinds: tuple[str, ...] = ("tbf", "htb", "clsact"), progs: bpf.
             try:
                 _try_qdisc(kind)(nl, lo.index)
             except KernelFeatureError:
-                missing.append(f"qdisc {kind} ({tc.KINDS.get(kind, 'sch_' + kind)})")
+                missing.append(f"qdisc {kind} ({tc.module_of(kind)})")
         try:
             nl.create_link(PROBE_IFB, "ifb")
         except NetlinkError as exc:
@@ -114,10 +114,11 @@ def missing_kinds(kinds: tuple[str, ...] = ("tbf", "htb", "clsact"), progs: bpf.
 # ---------------------------------------------------------------- redirect
 
 
-def redirect_honoured(progs: bpf.Programs) -> bool:
+def redirect_honoured(progs: bpf.Programs, program: str = "bwp_from_pod") -> bool:
     """Does an ifb accept packets that bwp_from_pod bpf_redirect()s into it from tc
     ingress? (Linux >= 6.4; before, ifb drops them as not "redirected".) Sends
-    one frame across a veth pair into the real program and watches the ifb."""
+    one frame across a veth pair into the real program and watches the ifb.
+    (`program` exists for the tests' negative control.)"""
 
     def run(nl: Netlink) -> bool:
         nl.create_veth("bwplprobe1", "bwplprobe2")
@@ -133,7 +134,7 @@ def redirect_honoured(progs: bpf.Programs) -> bool:
         bpf.map_update(progs.map_fd, bpf.attach_key(0), entry.pack())
         try:
             tc.add_clsact(nl, dst.index)
-            tc.add_bpf_filter(nl, dst.index, tc.CLSACT_INGRESS, progs.fd("bwp_from_pod"), "bwplugin:probe", 0)
+            tc.add_bpf_filter(nl, dst.index, tc.CLSACT_INGRESS, progs.fd(program), "bwplugin:probe", 0)
             with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
                 sock.bind(("bwplprobe1", 0))
                 frame = b"\xff" * 6 + bytes.fromhex("02b0d0000001") + b"\x88\xb5" + b"bwplugin probe".ljust(46, b"\0")

@@ -70,6 +70,11 @@ _MIRRED = struct.Struct("=IIiiiiI")  # tc_gen (index, capab, action, refcnt, bin
 KINDS = {"tbf": "sch_tbf", "htb": "sch_htb", "bfifo": "sch_fifo", "clsact": "sch_ingress", "bpf": "cls_bpf"}
 
 
+def module_of(kind: str) -> str:
+    """The kernel module that provides a kind (ours are listed; others are qdiscs)."""
+    return KINDS.get(kind, f"sch_{kind}")
+
+
 @dataclass(frozen=True)
 class TBFState:
     """A TBF as the kernel reports it."""
@@ -117,7 +122,7 @@ def _create(nl: Netlink, msg_type: int, body: bytes, kind: str, what: str, flags
         nl.request(msg_type, NLM_F_CREATE | flags, body, what)
     except NetlinkError as exc:
         if exc.errno in (errno.ENOENT, errno.EOPNOTSUPP) and "unknown" in exc.ext_msg.lower():
-            module = KINDS.get(kind, kind)
+            module = module_of(kind)
             raise KernelFeatureError(
                 f"the kernel has no {kind!r} tc kind ({module} is neither built in nor loadable): {what} failed",
                 exc.ext_msg,

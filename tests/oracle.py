@@ -76,7 +76,6 @@ def view(netns: str) -> KernelView:
                                 "name": opts.get_attr("TCA_BPF_NAME"),
                                 "classid": opts.get_attr("TCA_BPF_CLASSID"),
                                 "flags": opts.get_attr("TCA_BPF_FLAGS"),
-                                "actions": [a.get_attr("TCA_ACT_KIND") for a in opts.get_attr("TCA_BPF_ACT") or []],
                             }
                         )
     return out
@@ -115,3 +114,19 @@ def attach_count() -> int:
         return len(bpf.attach_entries(fd))
     finally:
         os.close(fd)
+
+
+def filter_actions(netns: str, dev: str) -> list[str]:
+    """Action kinds on a device's clsact-ingress filters, as tc(8) reports them."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        ["nsenter", f"--net={netns}", "tc", "-j", "filter", "show", "dev", dev, "ingress"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    kinds = []
+    for f in json.loads(out or "[]"):
+        for action in f.get("options", {}).get("actions", []):
+            kinds.append(action.get("kind"))
+    return kinds

@@ -1,0 +1,113 @@
+"""Kernel variety: the act_mirred fallback for kernels whose ifb ignores
+bpf_redirect (before 6.4), forced here; the probes that detect it and missing
+qdisc kinds; and the clear errors when a kind is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from bwplugin import bpf, probe, tc
+from bwplugin.errors import KernelFeatureError
+from bwplugin.lab import Lab, Pod
+from bwplugin.libcni import plugin_conf
+from bwplugin.measure import Sampler
+from bwplugin.netlink import Netlink
+from bwplugin.plugin import status_problems
+
+from .conftest import bandwidth, shaper
+from .oracle import filter_actions, settled_ifbs, view
+
+pytestmark = pytest.mark.kernel
+RATE = 10_000_000
+
+
+@pytest.fixture
+def programs(lab: Lab) -> Iterator[bpf.Programs]:
+    progs = bpf.programs()
+    yield progs
+    progs.close()
+
+
+def host_veth(pod: Pod) -> str:
+    ifaces = pod.attachment.result["interfaces"]
+    return next(i["name"] for i in ifaces if not i.get("sandbox") and not i["name"].startswith("bwpl"))
+
+
+def test_forced_mirred_fallback_shapes_checks_and_cleans(lab: Lab) -> None:
+    conflist = lab.conflist(shaper(egressRedirect="mirred"))
+    peer, pod = lab.pod("peer"), lab.pod("a")
+    lab.attach(peer, conflist)
+    att = lab.attach(pod, conflist, bandwidth(ingress=RATE, egress=RATE))
+    veth, ifb = host_veth(pod), att.result["interfaces"][-1]["name"]
+    kv = view(lab.node)
+    (flt,) = kv.filters[veth]
+    assert flt["name"].startswith("bwplugin:bwp_from_pod_mirred_") and not flt["flags"]  # not direct action
+    assert filter_actions(lab.node, veth) == ["mirred"]
+    with Netlink.in_netns(lab.node) as nl:
+        ours = tc.our_filters(nl, kv.links[veth]["index"])[tc.CLSACT_INGRESS]
+    assert ours.mirred_ifindex == kv.links[ifb]["index"]
+    att.check()
+    lab.iperf_server(peer)
+    with Sampler(lab.node, [ifb]) as s:
+        lab.iperf(pod, peer, seconds=2, udp_rate=RATE * 3 // 2)
+    assert abs(s.steady_rate(ifb) / RATE - 1) < 0.02, s.steady_rate(ifb)
+    # CHECK notices a filter whose mode does not match the config
+    att.conflist["plugins"][-1]["egressRedirect"] = "bpf"
+    with pytest.raises(Exception) as err:
+        att.check()
+    assert "expected bwp_from_pod" in str(err.value)
+    att.conflist["plugins"][-1]["egressRedirect"] = "mirred"
+    plugin = att.conflist["plugins"][-1]
+    inv = lab.exec_shaper("DEL", pod, plugin_conf(att.conflist, plugin, att.result, att.runtime_config))
+    assert (inv.rc, inv.stdout) == (0, "")
+    assert settled_ifbs(lab.node) == []
+    kv = view(lab.node)
+    assert not kv.has_clsact(veth) and kv.root(veth)["kind"] == "noqueue"
+
+
+def test_redirect_probe_detects_this_kernel_and_has_a_negative_control(lab: Lab, programs: bpf.Programs) -> None:
+    assert probe.redirect_honoured(programs)  # 6.4+: bpf_redirect into ifb works
+    # the same probe with a program that never redirects must see nothing arrive
+    assert not probe.redirect_honoured(programs, program="bwp_to_pod")
+    assert bpf.attach_get(programs.map_fd, 0) is None  # the probe's key is gone again
+    assert probe.redirect_mode(programs, "auto") == "bpf"
+    assert probe.redirect_mode(programs, "mirred") == "mirred"
+
+
+def test_missing_kinds_are_found_and_reported(lab: Lab, programs: bpf.Programs) -> None:
+    # this kernel lacks fq_codel and netem (and has everything bwplugin needs)
+    missing = probe.missing_kinds(("tbf", "htb", "clsact", "fq_codel", "netem"), programs)
+    assert missing == ["qdisc fq_codel (sch_fq_codel)", "qdisc netem (sch_netem)"]
+    assert status_problems() == []
+    problems = status_problems(("tbf", "htb", "clsact", "fq_codel"))
+    assert problems == ["the kernel lacks qdisc fq_codel (sch_fq_codel)"]
+    inv = lab.runtime.exec("bwplugin", "STATUS", {"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"})
+    assert (inv.rc, inv.stdout) == (0, "")
+
+
+def test_creating_a_missing_kind_is_a_clear_error(lab: Lab) -> None:
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(None))
+    veth = host_veth(pod)
+    with Netlink.in_netns(lab.node) as nl:
+        index = nl.link(name=veth).index
+        with pytest.raises(KernelFeatureError) as err:
+            tc.add_root_qdisc(nl, index, "fq_codel")
+    assert err.value.code == 105 and "'fq_codel'" in err.value.msg and "sch_fq_codel" in err.value.msg
+    out = err.value.to_json("1.1.0")
+    assert json.loads(json.dumps(out))["code"] == 105
+    assert view(lab.node).root(veth)["kind"] == "noqueue"
+    assert att.result is not None
+
+
+def test_probes_leave_nothing_behind(lab: Lab, programs: bpf.Programs) -> None:
+    before_links = set(os.listdir("/sys/class/net"))
+    before_ns = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    probe.missing_kinds(progs=programs)
+    probe.redirect_honoured(programs)
+    assert set(os.listdir("/sys/class/net")) == before_links
+    assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == before_ns

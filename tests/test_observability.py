@@ -1,0 +1,159 @@
+"""`bwplugin stats` and multiple attachments per container, on real pods."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bwplugin import bpf
+from bwplugin.lab import Lab, Pod
+from bwplugin.libcni import plugin_conf
+
+from .conftest import bandwidth, shaper
+from .oracle import settled_ifbs, view
+
+pytestmark = pytest.mark.kernel
+RATE = 10_000_000
+
+
+def host_veth_of(pod: Pod, result: dict) -> str:
+    return next(i["name"] for i in result["interfaces"] if not i.get("sandbox") and not i["name"].startswith("bwpl"))
+
+
+def stats(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed executable's subcommand, run on the (lab's) node."""
+    env = {**os.environ, "BWPLUGIN_PIN_DIR": os.environ["BWPLUGIN_PIN_DIR"]}
+    return subprocess.run(
+        ["nsenter", f"--net={lab.node}", str(lab.bin_dir / "bwplugin"), "stats", *args],
+        capture_output=True, text=True, check=True, env=env,
+    )  # fmt: skip
+
+
+def rows_of(lab: Lab, container_id: str) -> list[dict]:
+    return [r for r in json.loads(stats(lab, "--json").stdout) if r["container_id"] == container_id]
+
+
+def test_stats_table_json_and_prometheus(lab: Lab, tmp_path: Path) -> None:
+    conflist = lab.conflist(shaper())
+    peer, pod = lab.pod("peer"), lab.pod("a")
+    lab.attach(peer, conflist)
+    att = lab.attach(pod, conflist, bandwidth(ingress=2 * RATE, egress=RATE))
+    lab.iperf_server(peer)
+    lab.iperf(pod, peer, seconds=2, udp_rate=RATE * 2)  # twice the rate: the qdisc must drop
+    (row,) = rows_of(lab, att.container_id)
+    veth, ifb = host_veth_of(pod, att.result), att.result["interfaces"][-1]["name"]
+    assert (row["ifname"], row["host_veth"], row["ifb"], row["problems"]) == ("eth0", veth, ifb, [])
+    eg, ing = row["egress"], row["ingress"]
+    assert eg["queue"]["rate_bps"] == RATE and ing["queue"]["rate_bps"] == 2 * RATE
+    # offered (counted by eBPF before the qdisc) = sent + dropped, roughly half dropped
+    assert eg["shaped_bytes"] > eg["queue"]["sent_bytes"] > 0 and eg["queue"]["drops"] > 0
+    assert 0.4 < eg["queue"]["sent_bytes"] / eg["shaped_bytes"] < 0.65
+    assert (
+        eg["shaped_packets"]
+        == eg["queue"]["sent_packets"] + eg["queue"]["drops"] + eg["queue"]["backlog_bytes"] // 1500
+    )
+    assert eg["unshaped_bytes"] == 0 and ing["shaped_bytes"] > 0  # acks and iperf's control flow
+
+    table = stats(lab).stdout.splitlines()
+    assert table[0].split()[:2] == ["CONTAINER", "IF"]
+    assert any(line.startswith(att.container_id[:20]) and veth in line and ifb in line for line in table[1:])
+
+    prom = tmp_path / "bwplugin.prom"
+    stats(lab, "--prometheus", str(prom))
+    text = prom.read_text()
+    assert "# TYPE bwplugin_offered_bytes_total counter" in text
+    want = (
+        f'bwplugin_offered_bytes_total{{container_id="{att.container_id}",ifname="eth0",host_veth="{veth}",'
+        f'direction="egress",class="shaped"}} {eg["shaped_bytes"]}'
+    )
+    assert want in text.splitlines()
+    labels = f'container_id="{att.container_id}",ifname="eth0",host_veth="{veth}",direction="egress"'
+    assert f"bwplugin_rate_bits_per_second{{{labels}}} {RATE}" in text.splitlines()
+    assert [f.name for f in tmp_path.iterdir()] == ["bwplugin.prom"]  # written via a rename
+
+    att.delete()
+    pod.attachment = None
+    assert rows_of(lab, att.container_id) == []  # entries vanish on DEL
+
+
+def test_counters_survive_a_plugin_upgrade(lab: Lab, tmp_path: Path) -> None:
+    """A new build (changed C source, same map layout) compiles and pins new
+    programs; attachments made before keep running theirs on the same map, so
+    their counters continue, and CHECK still accepts them."""
+    conflist = lab.conflist(shaper())
+    peer, old = lab.pod("peer"), lab.pod("old")
+    lab.attach(peer, conflist)
+    att = lab.attach(old, conflist, bandwidth(egress=RATE))
+    lab.iperf_server(peer)
+    lab.iperf(old, peer, seconds=1, omit=0, udp_rate=RATE)
+    (before,) = rows_of(lab, att.container_id)
+
+    src = tmp_path / "bpf"
+    shutil.copytree(Path(bpf.__file__).resolve().parent.parent / "bpf", src)
+    with open(src / "bwplugin.c", "a") as fh:
+        fh.write("// a newer build\n")
+    lab.runtime.extra_env["BWPLUGIN_BPF_DIR"] = str(src)
+    new = lab.pod("new")
+    lab.attach(new, conflist, bandwidth(egress=RATE))
+    new_ver = [p.name for p in Path(os.environ["BWPLUGIN_PIN_DIR"]).iterdir() if p.name.startswith("bwp_from_pod_")]
+    assert len(new_ver) == 2  # bwp_from_pod_<v> and bwp_from_pod_mirred_<v>, of the new build only
+    old_filter = view(lab.node).filters[host_veth_of(old, att.result)][0]["name"]
+    assert not any(old_filter.endswith(v.rsplit("_", 1)[1]) for v in new_ver)
+
+    lab.iperf(old, peer, seconds=1, omit=0, udp_rate=RATE)
+    (after,) = rows_of(lab, att.container_id)
+    assert after["egress"]["shaped_bytes"] > before["egress"]["shaped_bytes"] + RATE // 8 // 2
+    att.check()
+    new.attachment.check()
+    del lab.runtime.extra_env["BWPLUGIN_BPF_DIR"]
+
+
+def test_multiple_attachments_per_container(lab: Lab) -> None:
+    """eth0 on one network, eth1 on another and eth2 on the first network's name
+    again (its own subnet: ptp cannot put two interfaces behind one gateway):
+    three ifbs, three veths, three rates; removing one leaves the others shaped."""
+    net_a = lab.conflist(shaper(), name="bwpt-a")
+    net_b = lab.conflist(shaper(), name="bwpt-b", subnet="10.234.2.0/24")
+    net_a2 = lab.conflist(shaper(), name="bwpt-a", subnet="10.234.3.0/24")
+    for extra in (net_b, net_a2):  # only eth0 gets the default route
+        extra["plugins"][0]["ipam"]["routes"] = []
+    pod = lab.pod("multi")
+    cid = f"{pod.name}-cid"
+    atts = {}
+    for ifname, conflist, rate in (("eth0", net_a, RATE), ("eth1", net_b, 2 * RATE), ("eth2", net_a2, 3 * RATE)):
+        atts[ifname] = lab.attach(pod, conflist, bandwidth(ingress=rate, egress=rate), ifname=ifname, container_id=cid)
+    kv = view(lab.node)
+    ifbs = {name: a.result["interfaces"][-1]["name"] for name, a in atts.items()}
+    assert len(set(ifbs.values())) == 3
+    for (ifname, att), rate in zip(atts.items(), (RATE, 2 * RATE, 3 * RATE), strict=True):
+        assert kv.tbf(ifbs[ifname])["rate"] == rate // 8
+        assert kv.tbf(host_veth_of(pod, att.result))["rate"] == rate // 8
+        att.check()
+    rows = {r["ifname"]: r for r in rows_of(lab, cid)}
+    assert {k: r["egress"]["queue"]["rate_bps"] for k, r in rows.items()} == {
+        "eth0": RATE,
+        "eth1": 2 * RATE,
+        "eth2": 3 * RATE,
+    }
+
+    eth1 = atts.pop("eth1")
+    plugin = eth1.conflist["plugins"][-1]
+    inv = lab.runtime.exec(
+        "bwplugin", "DEL", plugin_conf(eth1.conflist, plugin, eth1.result, eth1.runtime_config),
+        container_id=cid, netns=pod.netns, ifname="eth1",
+    )  # fmt: skip
+    assert (inv.rc, inv.stdout) == (0, "")
+    assert sorted(settled_ifbs(lab.node)) == sorted([ifbs["eth0"], ifbs["eth2"]])
+    for att in atts.values():
+        att.check()
+    assert sorted(r["ifname"] for r in rows_of(lab, cid)) == ["eth0", "eth2"]
+    for att in atts.values():
+        att.delete()
+    eth1.delete()  # ptp's part
+    pod.attachment = None
+    assert settled_ifbs(lab.node) == [] and rows_of(lab, cid) == []
