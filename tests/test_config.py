@@ -181,3 +181,60 @@ def test_decode_errors_are_code_6():
         with pytest.raises(DecodeError) as err:
             decode(bad)
         assert err.value.code == 6
+
+
+# ---------------------------------------------------------------- subnets and redirect mode
+
+
+def test_subnets_static_and_runtime():
+    from ipaddress import ip_network
+
+    from bwplugin.config import parse_subnets
+
+    s = parse_subnets({"unshapedSubnets": ["10.0.0.0/8", "fd00::/8", "10.0.0.0/8"]})
+    assert s is not None and not s.listed_shaped and s.key == "unshapedSubnets"
+    assert s.networks == (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))  # duplicates dropped
+    runtime = {"runtimeConfig": {"bandwidth": {"shapedSubnets": ["192.0.2.0/24"]}}}
+    s = parse_subnets(runtime)
+    assert s is not None and s.listed_shaped and s.networks == (ip_network("192.0.2.0/24"),)
+    # the top-level key wins, as for the rates
+    s = parse_subnets({**runtime, "unshapedSubnets": ["10.0.0.0/8"]})
+    assert s is not None and not s.listed_shaped
+    assert parse_subnets({}) is None and parse_subnets({"shapedSubnets": []}) is None
+    assert parse_subnets({"shapedSubnets": None}) is None
+
+
+@pytest.mark.parametrize(
+    "doc, needle",
+    [
+        ({"shapedSubnets": ["10.0.0.0/8"], "unshapedSubnets": ["fd00::/8"]}, "mutually exclusive"),
+        ({"shapedSubnets": "10.0.0.0/8"}, "shapedSubnets must be a list of CIDRs, got '10.0.0.0/8'"),
+        ({"shapedSubnets": ["10.0.0.0"]}, "shapedSubnets[0]='10.0.0.0' is not a CIDR"),
+        (
+            {"shapedSubnets": ["10.0.0.1/8"]},
+            "shapedSubnets[0]='10.0.0.1/8' is not a valid CIDR: 10.0.0.1/8 has host bits",
+        ),
+        ({"unshapedSubnets": ["fd00::/200"]}, "unshapedSubnets[0]='fd00::/200' is not a valid CIDR"),
+        ({"unshapedSubnets": [7]}, "unshapedSubnets[0]=7 is not a CIDR"),
+        ({"unshapedSubnets": [f"10.{i}.0.0/16" for i in range(65)]}, "65 entries; at most 64"),
+        (
+            {"runtimeConfig": {"bandwidth": {"shapedSubnets": ["x/y"]}}},
+            "runtimeConfig.bandwidth.shapedSubnets[0]='x/y' is not a valid CIDR",
+        ),
+    ],
+)
+def test_bad_subnets_are_code_7_naming_field_and_value(doc, needle):
+    from bwplugin.config import parse_subnets
+
+    with pytest.raises(InvalidConfigError) as err:
+        parse_subnets(doc)
+    assert err.value.code == 7 and needle in err.value.msg
+
+
+def test_egress_redirect_mode():
+    assert parse_policy({}).egress_redirect == "auto"
+    assert parse_policy({"egressRedirect": "mirred"}).egress_redirect == "mirred"
+    for bad in ("MIRRED", "", 1, None):
+        with pytest.raises(InvalidConfigError) as err:
+            parse_policy({"egressRedirect": bad})
+        assert f"egressRedirect={bad!r} must be one of auto, bpf, mirred" in err.value.msg

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bwplugin import cli
 
-KNOWN_CODES = {1, 2, 3, 4, 5, 6, 7, 11, 50, 100, 101, 102, 103, 104}
+KNOWN_CODES = {1, 2, 3, 4, 5, 6, 7, 11, 50, 100, 101, 102, 103, 104, 105}
 NO_NETNS = "/nonexistent/bwpt-netns"
 
 numbers = st.one_of(
@@ -27,9 +27,25 @@ json_values = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
     max_leaves=12,
 )
+cidrs = st.one_of(
+    st.lists(
+        st.one_of(
+            st.sampled_from(["10.0.0.0/8", "10.0.0.1/8", "fd00::/8", "::/0", "0.0.0.0/0", "1.2.3.4", "/", "a/b"]),
+            st.builds(lambda a, n: f"{a}/{n}", st.ip_addresses(), st.integers(-5, 200)),
+            numbers,
+        ),
+        max_size=70,
+    ),
+    numbers,
+    json_values,
+)
 bandwidth = st.fixed_dictionaries(
     {},
-    optional={k: numbers for k in ("ingressRate", "ingressBurst", "egressRate", "egressBurst")},
+    optional={
+        **{k: numbers for k in ("ingressRate", "ingressBurst", "egressRate", "egressBurst")},
+        "shapedSubnets": cidrs,
+        "unshapedSubnets": cidrs,
+    },
 )
 configs = st.fixed_dictionaries(
     {},
@@ -53,6 +69,9 @@ configs = st.fixed_dictionaries(
             json_values,
         ),
         "latencyMs": numbers,
+        "shapedSubnets": cidrs,
+        "unshapedSubnets": cidrs,
+        "egressRedirect": st.one_of(st.sampled_from(["auto", "bpf", "mirred", "MIRRED", ""]), numbers),
         "maxBurstMs": numbers,
         "egressRate": numbers,
         "ingressBurst": numbers,

@@ -1,6 +1,7 @@
-"""Soak: 200 ADD/DEL cycles through the agent, in batches, with a failure injected into
-every 7th ADD. Nothing may leak (ifb, qdisc, filter, map entry) and the agent's memory
-must stay flat. A longer soak is a matter of CYCLES (CI keeps this one short)."""
+"""Soak: 500 ADD/DEL cycles through the agent, in batches, with a failure injected into
+every 7th ADD, and a mix of plain, subnet-split (HTB + LPM) and mirred attachments.
+Nothing may leak (ifb, qdisc, filter, map or trie entry, pin) and the agent's memory
+must stay flat. A longer soak is a matter of BWPLUGIN_SOAK_CYCLES."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 
 import pytest
 
+from bwplugin import bpf
 from bwplugin.lab import Lab
 from bwplugin.libcni import PluginFailed
 
@@ -15,7 +17,7 @@ from .conftest import bandwidth, shaper
 from .oracle import attach_count, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
-CYCLES = int(os.environ.get("BWPLUGIN_SOAK_CYCLES", "200"))
+CYCLES = int(os.environ.get("BWPLUGIN_SOAK_CYCLES", "500"))
 BATCH = 10
 
 
@@ -26,14 +28,24 @@ def rss_kib(pid: int) -> int:
 
 def test_soak_add_del_cycles_leak_nothing() -> None:
     with Lab(agent=True) as lab:
-        conflist = lab.conflist(shaper())
+        conflists = [
+            lab.conflist(shaper()),
+            lab.conflist(shaper(unshapedSubnets=["10.96.0.0/12", "fd00:96::/64"])),
+            lab.conflist(shaper(egressRedirect="mirred")),
+        ]
+        bpf.programs().close()  # compiled and pinned before the baseline is taken
         before = attach_count()
+        pins = sorted(os.listdir(os.environ["BWPLUGIN_PIN_DIR"]))
+        lpm = bpf.open_lpm()
+        assert lpm is not None
+        lpm_before = len(bpf.lpm_ids(lpm))
         rss: list[int] = []
         faults = 0
         for batch in range(CYCLES // BATCH):
             pods = [lab.pod(f"s{batch}-{i}") for i in range(BATCH)]
             for i, pod in enumerate(pods):
                 n = batch * BATCH + i
+                conflist = conflists[n % 3]
                 if n % 7 == 3:
                     lab.runtime.extra_env["BWPLUGIN_FAULT"] = "after-map"
                     with pytest.raises(PluginFailed):
@@ -49,8 +61,10 @@ def test_soak_add_del_cycles_leak_nothing() -> None:
         assert faults >= CYCLES // 7
         assert settled_ifbs(lab.node) == []
         kv = view(lab.node)
-        assert not any(kv.has_clsact(n) or kv.tbf(n) for n in kv.links)
+        assert not any(kv.has_clsact(n) or kv.root(n) and kv.root(n)["kind"] != "noqueue" for n in kv.links)
         assert attach_count() == before
+        assert len(bpf.lpm_ids(lpm)) == lpm_before
+        assert sorted(os.listdir(os.environ["BWPLUGIN_PIN_DIR"])) == pins
         # flat memory: after warm-up (first batches) the agent grows by less than 4 MiB
         warm = rss[min(2, len(rss) - 1)]
         assert rss[-1] - warm < 4096, rss
