@@ -49,18 +49,25 @@ class Bench:
         lab.iperf_server(self.peer, MEASURE_PORT)
         lab.iperf_server(self.peer, LOAD_PORT)
 
-    def add(self, plugin: str, runtime_config: dict[str, Any] | None) -> Shaped:
+    def add(self, plugin: str, runtime_config: dict[str, Any] | None, static: dict[str, Any] | None = None) -> Shaped:
+        """A fresh pod shaped by `plugin`; `static` adds keys to its plugin config."""
         self.count += 1
         pod = self.lab.pod(f"{plugin[:3]}{self.count}")
-        att = self.lab.attach(pod, self.conflists[plugin], runtime_config)
+        conflist = self.conflists[plugin]
+        if static:
+            conflist = {**conflist, "plugins": [conflist["plugins"][0], {**conflist["plugins"][1], **static}]}
+        att = self.lab.attach(pod, conflist, runtime_config)
         ifaces = att.result["interfaces"] if att.result else []
         veth = next(i["name"] for i in ifaces if i["name"].startswith("veth"))
         ifb = next((i["name"] for i in ifaces if i["name"].startswith("bwp")), None)
         return Shaped(pod, veth, ifb)
 
+    def shaped(self, plugin: str, **bw: int) -> contextlib.AbstractContextManager[Shaped]:
+        return self.shaped_with(plugin, None, **bw)
+
     @contextlib.contextmanager
-    def shaped(self, plugin: str, **bw: int) -> Iterator[Shaped]:
-        shaped = self.add(plugin, bandwidth(**bw))
+    def shaped_with(self, plugin: str, static: dict[str, Any] | None, **bw: int) -> Iterator[Shaped]:
+        shaped = self.add(plugin, bandwidth(**bw), static)
         try:
             yield shaped
         finally:

@@ -94,6 +94,23 @@ def fairness_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def subnets_table(rows: list[dict[str, Any]]) -> str:
+    groups: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["direction"], r["destination"])][r["plugin"]].append(r["goodput_bps"])
+    rate = rows[0]["rate"]
+    out = [
+        "| direction | destination | bwplugin Mbit/s | reference Mbit/s | bwplugin / rate | reference / rate |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (direction, dest), by in sorted(groups.items()):
+        ours, ref = _med(by.get("bwplugin", [])), _med(by.get("reference", []))
+        out.append(
+            f"| {direction} | {dest} | {ours / 1e6:.1f} | {ref / 1e6:.1f} | {ours / rate:.2f} | {ref / rate:.2f} |"
+        )
+    return "\n".join(out)
+
+
 def _p(xs: list[float], q: float) -> float:
     ordered = sorted(xs)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
@@ -131,6 +148,8 @@ def markdown(result: dict[str, Any]) -> str:
         ("Latency under load (ping from the pod while one bulk TCP flow saturates a direction)", "latency",
          latency_table),
         ("Fairness (egress, parallel TCP flows in one pod)", "fairness", fairness_table),
+        ("Unshaped subnets (TCP goodput; pod shaped at 10 Mbit/s both ways, bwplugin with unshapedSubnets)",
+         "subnets", subnets_table),
         ("Cost of ADD and DEL (shaping plugin alone, both directions shaped)", "cost", cost_table),
     ):  # fmt: skip
         if result.get(key):

@@ -28,6 +28,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "bursts": {"rate": 10 * M, "burst_sets": {"containerd": CONTAINERD_BURST}},
         "latency": {"rates": [10 * M], "count": 20},
         "fairness": {"rate": 10 * M, "flow_counts": [4], "seconds": 1},
+        "subnets": {"rate": 10 * M, "seconds": 1},
         "cost": {"pods": 5, "background": 0},
     },
     "quick": {
@@ -35,6 +36,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "bursts": {"rate": 10 * M, "burst_sets": RUNTIME_BURSTS},
         "latency": {"rates": [10 * M, 100 * M], "count": 60},
         "fairness": {"rate": 100 * M, "flow_counts": [4, 16], "seconds": 3},
+        "subnets": {"rate": 10 * M, "seconds": 3},
         "cost": {"pods": 20, "background": 200},
     },
     "full": {
@@ -47,6 +49,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "bursts": {"rate": 10 * M, "burst_sets": RUNTIME_BURSTS},
         "latency": {"rates": [10 * M, 100 * M, 1000 * M], "count": 100},
         "fairness": {"rate": 100 * M, "flow_counts": [4, 16], "seconds": 5},
+        "subnets": {"rate": 10 * M, "seconds": 5},
         "cost": {"pods": 50, "background": 500},
     },
 }
@@ -84,6 +87,7 @@ def run(profile: str, out: Path, only: list[str] | None = None) -> dict[str, Any
             ("bursts", scenarios.bursts),
             ("latency", scenarios.latency),
             ("fairness", scenarios.fairness),
+            ("subnets", scenarios.subnets),
             ("cost", scenarios.cost),
         ):
             if only and name not in only:

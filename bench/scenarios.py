@@ -1,4 +1,4 @@
-"""The five measurements. Each returns plain rows (dicts) for the report."""
+"""The six measurements. Each returns plain rows (dicts) for the report."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from bwplugin.lab import CONTAINERD_BURST, remove_pin_dir
 from bwplugin.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler, iperf_goodput
 
-from .harness import LOAD_PORT, PLUGINS, Bench, order, progress
+from .harness import LOAD_PORT, MEASURE_PORT, PLUGINS, SUBNETS, Bench, order, progress
 
 USER_HZ = 100
 
@@ -173,7 +173,38 @@ def fairness(bench: Bench, rate: int, flow_counts: list[int], seconds: float) ->
     return rows
 
 
-# ---------------------------------------------------------------- 5. cost
+# ---------------------------------------------------------------- 5. subnets
+
+
+def subnets(bench: Bench, rate: int, seconds: float) -> list[dict[str, Any]]:
+    """A pod shaped at `rate` both ways talks to two peers: one in an unshaped subnet
+    (think node or cluster network) and one outside it. bwplugin is configured with
+    unshapedSubnets; Debian's reference plugin (1.1.1) has no such option, so it
+    shapes both: that is what a user gets from it today."""
+    lab = bench.lab
+    fast = lab.pod("fastpeer")
+    lab.attach(fast, lab.conflist(None, name="bwpt-peer", subnet=SUBNETS["peer"]))
+    lab.iperf_server(fast, MEASURE_PORT)
+    rows = []
+    try:
+        for n, plugin in enumerate(order(0) + order(1)):
+            static = {"unshapedSubnets": [f"{fast.ip}/32"]} if plugin == "bwplugin" else None
+            with bench.shaped_with(plugin, static, ingress=rate, egress=rate) as shaped:
+                for direction in ("egress", "ingress"):
+                    for dest, server in (("unshaped peer", fast), ("shaped peer", bench.peer)):
+                        result = lab.iperf(
+                            shaped.pod, server, port=MEASURE_PORT, seconds=seconds, reverse=direction == "ingress"
+                        )
+                        goodput = iperf_goodput(result)
+                        row = {"plugin": plugin, "rate": rate, "direction": direction, "destination": dest}
+                        rows.append({**row, "repeat": n // 2, "goodput_bps": goodput, "goodput_ratio": goodput / rate})
+                        progress(f"subnets {plugin:9} {direction:7} to {dest}: {goodput / 1e6:.1f} Mbit/s")
+    finally:
+        lab.remove_pod(fast)
+    return rows
+
+
+# ---------------------------------------------------------------- 6. cost
 
 
 # bwplugin is measured both ways: through the node agent (the recommended deployment)

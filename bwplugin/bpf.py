@@ -17,13 +17,14 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from . import settings
-from .errors import BPFUnavailableError
+from .errors import BPFUnavailableError, TryAgainLaterError
 
 SYS_BPF = 321  # x86_64
 BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
@@ -424,13 +425,30 @@ def programs() -> Programs:
     return progs
 
 
+LOCK_WAIT = 150.0  # s: longer than a compile can take (the child is killed at 120 s)
+
+
 @contextlib.contextmanager
-def node_lock() -> Iterator[None]:
-    """Serialises compiling and probing on a node; the kernel drops it if we die."""
+def node_lock(wait: float | None = None) -> Iterator[None]:
+    """Serialises compiling and probing on a node; the kernel drops it if we die.
+    A process that cannot get it in time answers "try again later" (code 11)
+    rather than waiting without bound."""
     lock = lock_path()
     lock.parent.mkdir(parents=True, exist_ok=True)
+    if wait is None:
+        wait = float(settings.get("BWPLUGIN_LOCK_WAIT") or LOCK_WAIT)
+    deadline = time.monotonic() + wait
     with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TryAgainLaterError(
+                        f"another bwplugin process has held {lock} for over {wait:g} s (compiling?)"
+                    ) from None
+                time.sleep(0.02)
         yield
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import stats
 from .lab import Lab, Pod
 from .measure import TCP_GOODPUT_CEILING, Sampler, iperf_goodput
 
@@ -52,6 +53,8 @@ def main() -> int:
                     result = lab.iperf(pod, peer, seconds=args.seconds, reverse=reverse)
                 wire = sampler.steady_rate(dev)
                 rows.append((name, direction, rates[f"{direction}Rate"], iperf_goodput(result), wire))
+        print("\n`bwplugin stats` on the demo's node after the runs:\n")
+        print(stats.table(stats.collect(lab.node)))
     print()
     print(f"{'pod':8} {'direction':9} {'configured':>12} {'goodput':>12} {'wire (tc)':>12} {'wire/conf':>10}")
     for name, direction, conf, goodput, wire in rows:

@@ -160,6 +160,14 @@ def _boot_id() -> str:
         return "unknown"
 
 
+def _cached_mode(cache: Path, key: str) -> str | None:
+    try:
+        cached_key, _, mode = cache.read_text().rpartition(" ")
+    except OSError:
+        return None
+    return mode if cached_key == key and mode in ("bpf", "mirred") else None
+
+
 def redirect_mode(progs: bpf.Programs, requested: str) -> str:
     """ "bpf" or "mirred". "auto" probes once per boot and program version (under
     the node lock, so concurrent ADDs probe once) and remembers the answer."""
@@ -168,13 +176,13 @@ def redirect_mode(progs: bpf.Programs, requested: str) -> str:
     run_dir = Path(settings.get("BWPLUGIN_RUN_DIR") or "/run/bwplugin")
     cache = run_dir / f"redirect.{progs.version}"
     key = f"{os.uname().release} {_boot_id()}"
+    cached = _cached_mode(cache, key)  # the common case: no lock needed to read it
+    if cached:
+        return cached
     with bpf.node_lock():
-        try:
-            cached_key, _, mode = cache.read_text().rpartition(" ")
-            if cached_key == key and mode in ("bpf", "mirred"):
-                return mode
-        except OSError:
-            pass
+        cached = _cached_mode(cache, key)
+        if cached:
+            return cached
         mode = "bpf" if redirect_honoured(progs) else "mirred"
         settings.log(f"eBPF redirect into ifb {'works' if mode == 'bpf' else 'is not honoured'}: using {mode}")
         tmp = cache.with_suffix(".tmp")

@@ -69,13 +69,15 @@ def _queue(nl: Netlink, index: int) -> QueueStats | None:
     return QueueStats(rate * 8, s.bytes, s.packets, s.drops, s.overlimits, s.backlog)
 
 
-def collect() -> list[AttachmentStats]:
+def collect(netns: str | None = None) -> list[AttachmentStats]:
+    """Every entry of the pinned map, with its devices looked up in the host netns
+    (or in `netns`, where a test lab's "node" lives)."""
     map_fd, lpm_fd = bpf.open_map(), bpf.open_lpm()
     if map_fd is None:
         return []
     out = []
     try:
-        with Netlink() as nl:
+        with Netlink.in_netns(netns) if netns else Netlink() as nl:
             for attach_id, e in sorted(bpf.attach_entries(map_fd).items()):
                 host = nl.link(index=e.host_index)
                 ifb = nl.link(index=e.ifb_index) if e.ifb_index else None

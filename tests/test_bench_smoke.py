@@ -18,7 +18,7 @@ def test_bench_smoke_profile_writes_json_markdown_and_png(tmp_path: Path) -> Non
     result = run("smoke", tmp_path)
     doc = json.loads((tmp_path / "smoke.json").read_text())
     assert doc["meta"]["profile"] == "smoke" and doc["meta"]["kernel"]
-    for section in ("accuracy", "bursts", "latency", "fairness"):
+    for section in ("accuracy", "bursts", "latency", "fairness", "subnets"):
         assert {row["plugin"] for row in doc[section]} == {"bwplugin", "reference"}, section
     costed = {row["plugin"] for row in doc["cost"] if "del_ms" in row}
     assert costed == {"bwplugin (agent)", "bwplugin (no agent)", "reference"}
@@ -31,10 +31,19 @@ def test_bench_smoke_profile_writes_json_markdown_and_png(tmp_path: Path) -> Non
         assert row["loaded_p50_ms"] > 0 or (math.isnan(row["loaded_p50_ms"]) and row["ping_loss"] == 1.0), row
     for row in doc["fairness"]:
         assert 0 < row["jain"] <= 1.0 + 1e-9, row
+    for row in doc["subnets"]:
+        assert row["goodput_bps"] > 0 and row["destination"] in ("shaped peer", "unshaped peer"), row
     for row in doc["cost"]:
         assert len(row["add_ms"]) >= 1 and all(x > 0 for x in row["add_ms"]), row
     md = (tmp_path / "smoke.md").read_text()
-    for heading in ("Steady-state accuracy", "Burst conformance", "Latency under load", "Fairness", "Cost of ADD"):
+    for heading in (
+        "Steady-state accuracy",
+        "Burst conformance",
+        "Latency under load",
+        "Fairness",
+        "Unshaped subnets",
+        "Cost of ADD",
+    ):
         assert heading in md
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["meta"]["seconds"] > 0

@@ -111,3 +111,24 @@ def test_probes_leave_nothing_behind(lab: Lab, programs: bpf.Programs) -> None:
     probe.redirect_honoured(programs)
     assert set(os.listdir("/sys/class/net")) == before_links
     assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == before_ns
+
+
+def test_a_compile_lock_held_too_long_is_try_again_later(lab: Lab, tmp_path) -> None:
+    """A process that finds the node lock held (a compile in progress) waits, but not
+    without bound: then it answers code 11 and leaves nothing behind."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(None))
+    env = {"BWPLUGIN_RUN_DIR": str(run_dir), "BWPLUGIN_LOCK_WAIT": "0.5",
+           "BWPLUGIN_PIN_DIR": f"/sys/fs/bpf/bwpt-lock-{lab.tag}"}  # fmt: skip
+    conf = plugin_conf(att.conflist, shaper(), att.result, bandwidth(egress=RATE))
+    with open(run_dir / "bpf.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        inv = lab.exec_shaper("ADD", pod, conf, **env)
+    err = json.loads(inv.stdout)
+    assert (inv.rc, err["code"]) == (1, 11) and "bpf.lock" in err["msg"], err
+    assert view(lab.node).ifbs() == [] and not view(lab.node).has_clsact(host_veth(pod))
+    assert not os.path.exists(env["BWPLUGIN_PIN_DIR"])  # nothing compiled or pinned
