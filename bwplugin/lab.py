@@ -86,6 +86,7 @@ class Lab:
         self.subnet = subnet
         self.pods: list[Pod] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.servers: dict[tuple[str, int], tuple[subprocess.Popen[bytes], bool]] = {}
         self.node_name = f"{PREFIX}-{self.tag}-node"
         self.node = f"{NETNS_DIR}/{self.node_name}"
 
@@ -280,6 +281,7 @@ class Lab:
         """Bound to the pod's IPv4 address, or (any_address) to both families."""
         bind = () if any_address else ("-B", pod.ip)
         proc = self.spawn(pod.netns, "iperf3", "-s", *bind, "-p", str(port))
+        self.servers[(pod.name, port)] = (proc, any_address)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # wait until it listens
             out = self.run(pod.netns, "ss", "-Hltn", f"sport = :{port}").stdout
@@ -287,6 +289,16 @@ class Lab:
                 break
             time.sleep(0.05)
         return proc
+
+    def _restart_iperf_server(self, pod: Pod, port: int) -> None:
+        """An iperf3 server can stay "busy" for minutes with a test whose client is
+        gone (its pod deleted while the end-of-test exchange sat in a bloated queue)."""
+        proc, any_address = self.servers[(pod.name, port)]
+        proc.kill()
+        proc.wait()
+        while self.run(pod.netns, "ss", "-Hltn", f"sport = :{port}").stdout.strip():
+            time.sleep(0.05)
+        self.iperf_server(pod, port, any_address)
 
     def iperf(
         self,
@@ -307,8 +319,10 @@ class Lab:
         if udp_rate:
             argv += ["-u", "-b", str(udp_rate), "-l", "1400"]
         # the server may still be closing the previous test (a bloated queue can hold
-        # its end-of-test exchange for tens of seconds): retry while it says busy
-        deadline = time.monotonic() + 45
+        # its end-of-test exchange for tens of seconds): retry while it says busy, and
+        # restart a server that stays busy (the previous client is gone by then)
+        start = time.monotonic()
+        restarted = False
         while True:
             proc = subprocess.run(
                 ["nsenter", f"--net={client.netns}", *argv], capture_output=True, text=True, timeout=seconds + 60
@@ -316,7 +330,10 @@ class Lab:
             result: dict[str, Any] = json.loads(proc.stdout) if proc.stdout.strip() else {}
             if proc.returncode == 0 and "error" not in result and result.get("end"):
                 return result
-            if "busy" not in str(result.get("error", "")) or time.monotonic() > deadline:
+            if "busy" not in str(result.get("error", "")) or time.monotonic() - start > 60:
                 break
+            if not restarted and time.monotonic() - start > 10 and (server.name, port) in self.servers:
+                self._restart_iperf_server(server, port)
+                restarted = True
             time.sleep(1)
         raise IperfError(f"iperf3 {' '.join(argv[1:])}: {result.get('error') or proc.stderr.strip()}")

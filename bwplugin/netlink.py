@@ -13,8 +13,9 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 NETLINK_ROUTE = 0
 NETLINK_CAP_ACK = 10
@@ -199,6 +200,28 @@ def parse_tc(payload: bytes) -> TcObject:
 # ---------------------------------------------------------------- socket
 
 
+T = TypeVar("T")
+
+
+def in_helper_thread(fn: Callable[[], T], name: str) -> T:
+    """Run fn in a new thread and return its result (or raise its exception). A
+    thread can change its own network namespace without moving the caller's."""
+    box: list[T | BaseException] = []
+
+    def worker() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # handed to the caller below
+            box.append(exc)
+
+    thread = threading.Thread(target=worker, name=name)
+    thread.start()
+    thread.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 class Netlink:
     """One rtnetlink socket, in whatever netns it was created in."""
 
@@ -210,27 +233,18 @@ class Netlink:
     def in_netns(cls, path: str) -> Netlink:
         """A socket inside the netns at `path`. setns() runs in a helper thread, so this
         process's own threads never leave their namespace."""
-        result: list[socket.socket | BaseException] = []
 
-        def worker() -> None:
+        def enter() -> socket.socket:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    if _libc().setns(fd, CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"setns({path}): {os.strerror(err)}")
-                finally:
-                    os.close(fd)
-                result.append(_new_socket())
-            except BaseException as exc:  # handed to the caller below
-                result.append(exc)
+                if libc().setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            return _new_socket()
 
-        thread = threading.Thread(target=worker, name="bwplugin-setns")
-        thread.start()
-        thread.join()
-        if isinstance(result[0], BaseException):
-            raise result[0]
-        return cls(result[0])
+        return cls(in_helper_thread(enter, "bwplugin-setns"))
 
     def close(self) -> None:
         self.sock.close()
@@ -369,7 +383,7 @@ def _new_socket() -> socket.socket:
 _LIBC: ctypes.CDLL | None = None
 
 
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
     global _LIBC
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)

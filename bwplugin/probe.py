@@ -11,7 +11,6 @@ import ctypes
 import errno
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TypeVar
 from . import bpf, settings, tc
 from .config import Direction, Policy
 from .errors import KernelFeatureError
-from .netlink import CLONE_NEWNET, Netlink, NetlinkError
+from .netlink import CLONE_NEWNET, Netlink, NetlinkError, in_helper_thread, libc
 from .shaping import tbf_params
 
 T = TypeVar("T")
@@ -29,28 +28,18 @@ PROBE_IFB = "bwplprobe0"  # only ever exists inside the probe's own netns
 
 def in_fresh_netns(fn: Callable[[Netlink], T]) -> T:
     """Run fn(netlink) in a new, unnamed netns that dies with the helper thread."""
-    box: list[T | BaseException] = []
 
-    def worker() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-            with Netlink() as nl:
-                lo = nl.link(name="lo")
-                assert lo is not None
-                nl.set_link(lo.index, up=True)
-                box.append(fn(nl))
-        except BaseException as exc:  # handed to the caller below
-            box.append(exc)
+    def run() -> T:
+        if libc().unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        with Netlink() as nl:
+            lo = nl.link(name="lo")
+            assert lo is not None
+            nl.set_link(lo.index, up=True)
+            return fn(nl)
 
-    thread = threading.Thread(target=worker, name="bwplugin-probe")
-    thread.start()
-    thread.join()
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
+    return in_helper_thread(run, "bwplugin-probe")
 
 
 # ---------------------------------------------------------------- kinds

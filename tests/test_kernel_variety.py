@@ -132,3 +132,33 @@ def test_a_compile_lock_held_too_long_is_try_again_later(lab: Lab, tmp_path) -> 
     assert (inv.rc, err["code"]) == (1, 11) and "bpf.lock" in err["msg"], err
     assert view(lab.node).ifbs() == [] and not view(lab.node).has_clsact(host_veth(pod))
     assert not os.path.exists(env["BWPLUGIN_PIN_DIR"])  # nothing compiled or pinned
+
+
+def test_status_without_bcc_or_kernel_headers_is_not_ready(tmp_path) -> None:
+    """A node where nothing is compiled yet, bcc is not importable and the kernel
+    headers are missing: STATUS says so (code 50). Run in a private mount
+    namespace whose /lib/modules/<release> is an empty directory, by a Python
+    without Debian's dist-packages (where bcc lives)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    release = os.uname().release
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    repo = Path(__file__).resolve().parent.parent
+    script = (
+        f"mount --bind {empty} /lib/modules/{release} && "
+        f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = [{str(repo)!r}]; "
+        "from bwplugin.cli import main; raise SystemExit(main())'"
+    )
+    env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_PIN_DIR": str(tmp_path / "no-pins"), "PATH": os.environ["PATH"]}
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, env=env,
+    )  # fmt: skip
+    err = json.loads(proc.stdout)
+    assert proc.returncode == 1 and err["code"] == 50, (err, proc.stderr)
+    assert "bcc (python3-bpfcc) is not installed" in err["msg"]
+    assert f"kernel headers are missing (/lib/modules/{release}/build)" in err["msg"]
+    assert os.path.isdir(f"/lib/modules/{release}/build")  # the real node is untouched
