@@ -29,7 +29,7 @@ from .naming import IFB_PREFIX, IfbLabel, format_alias, ifb_name, network_tag, p
 from .netlink import Link, Netlink, NetlinkError
 from .protocol import convert_result, host_interface_names, version_at_least, with_interface
 from .settings import log
-from .shaping import TBFParams, tbf_params
+from .shaping import TBFParams, htb_leaf_limit, tbf_params
 
 # ---------------------------------------------------------------- helpers
 
@@ -381,7 +381,8 @@ def _check_root(
     leaf = nl.qdisc(index, tc.CLASS_SHAPED)
     limit = tc.bfifo_limit(leaf) if leaf is not None else None
     actual = (shaped.rate, limit or 0, shaped.buffer_ticks) if shaped else None
-    _compare(problems, f"{what} class b0d0:1", (want.rate, want.limit, want.buffer_ticks), actual)
+    expected = (want.rate, htb_leaf_limit(want, mtu), want.buffer_ticks)
+    _compare(problems, f"{what} class b0d0:1", expected, actual)
     if tc.CLASS_UNSHAPED not in tc.htb_classes(nl, index):
         problems.append(f"{what}: unshaped class b0d0:2 missing")
 

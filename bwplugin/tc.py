@@ -31,7 +31,7 @@ from .netlink import (
     parse_attrs,
     tcmsg,
 )
-from .shaping import TBFParams
+from .shaping import TBFParams, htb_leaf_limit
 
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_CLSACT = 0xFFFFFFF1  # also TC_H_INGRESS: the parent of clsact/ingress qdiscs
@@ -157,9 +157,10 @@ def htb_quantum(rate: int, mtu: int) -> int:
 
 
 def add_htb(nl: Netlink, index: int, params: TBFParams, default_shaped: bool, mtu: int) -> None:
-    """A root HTB with a shaped class (the configured rate, a bfifo bounded like our
-    TBF) and an unshaped class (never binds). The eBPF programs choose the class
-    through skb->priority; unclassified packets take the default class."""
+    """A root HTB with a shaped class (the configured rate and bucket, a bfifo
+    bounded by latency but holding two GSO packets) and an unshaped class (never
+    binds). The eBPF programs choose the class through skb->priority; unclassified
+    packets take the default class."""
     default = CLASS_SHAPED if default_shaped else CLASS_UNSHAPED
     glob = _HTB_GLOB.pack(3, 10, default & 0xFFFF, 0, 0)
     body = tcmsg(index, ROOT_HANDLE, TC_H_ROOT) + nla_str(TCA_KIND, "htb") + nla(TCA_OPTIONS, nla(TCA_HTB_INIT, glob))
@@ -167,7 +168,7 @@ def add_htb(nl: Netlink, index: int, params: TBFParams, default_shaped: bool, mt
     unshaped_burst = 64 * 1024 + mtu + 14
     unshaped_ticks = unshaped_burst * 10**9 // UNSHAPED_RATE // 64 + 1
     for classid, rate, ticks, limit in (
-        (CLASS_SHAPED, params.rate, params.buffer_ticks, params.limit),
+        (CLASS_SHAPED, params.rate, params.buffer_ticks, htb_leaf_limit(params, mtu)),
         (CLASS_UNSHAPED, UNSHAPED_RATE, unshaped_ticks, UNSHAPED_LIMIT),
     ):
         opt = _HTB_OPT.pack(*_ratespec(rate), *_ratespec(rate), ticks, ticks, htb_quantum(rate, mtu), 0, 0)

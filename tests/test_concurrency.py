@@ -1,4 +1,4 @@
-"""32 ADDs, then 32 CHECKs, then 32 DELs at once: no lost or crossed state.
+"""32 ADDs, then 32 CHECKs, then 32 DELs at once, twice, a quarter of them with\nsubnets: no lost or crossed state.
 Plugin processes are started with nsenter (no preexec_fn: not safe with threads)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bwplugin import bpf
 from bwplugin.lab import Lab, Pod
 from bwplugin.libcni import plugin_conf
 
@@ -18,6 +19,7 @@ from .oracle import attach_count, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 PARALLEL = 32
+ROUNDS = 2  # x 3 commands x 32 x 2 paths: 384 plugin runs, 32 at a time
 
 
 def spawn(lab: Lab, command: str, pod: Pod, conf: dict[str, Any]) -> subprocess.Popen[bytes]:
@@ -51,27 +53,46 @@ def run_all(lab: Lab, command: str, pods: list[Pod], confs: list[dict[str, Any]]
     return out
 
 
-def test_parallel_add_check_del(lab: Lab) -> None:
+def subnet_of(i: int) -> list[str] | None:
+    """Every 4th pod splits its traffic by subnet, each with its own prefixes."""
+    return [f"10.{100 + i}.0.0/16", f"fd00:{100 + i:x}::/64"] if i % 4 == 0 else None
+
+
+@pytest.mark.parametrize("rnd", range(ROUNDS))
+def test_parallel_add_check_del(lab: Lab, rnd: int) -> None:
     ptp_only = lab.conflist(None)
     pods = [lab.pod(f"c{i}") for i in range(PARALLEL)]
     for pod in pods:
         lab.attach(pod, ptp_only)  # ptp ADD, sequentially
-    rates = [(1 + i) * 1_000_000 for i in range(PARALLEL)]  # every pod different: crossed state would show
-    confs = [
-        plugin_conf(ptp_only, shaper(), pod.attachment.result, bandwidth(ingress=rate, egress=2 * rate))
-        for pod, rate in zip(pods, rates, strict=True)
-    ]
+    rates = [(1 + i + rnd) * 1_000_000 for i in range(PARALLEL)]  # every pod different: crossed state would show
+    confs = []
+    for i, (pod, rate) in enumerate(zip(pods, rates, strict=True)):
+        static = {"unshapedSubnets": subnet_of(i)} if subnet_of(i) else {}
+        confs.append(
+            plugin_conf(ptp_only, shaper(**static), pod.attachment.result, bandwidth(ingress=rate, egress=2 * rate))
+        )
     before = attach_count()
 
     added = run_all(lab, "ADD", pods, confs)
     assert all(rc == 0 for rc, _ in added), [o for rc, o in added if rc]
     results = [json.loads(out) for _, out in added]
     kv = view(lab.node)
-    for pod, result, rate in zip(pods, results, rates, strict=True):
-        veth = next(i["name"] for i in result["interfaces"] if i["name"].startswith("veth"))
+    fd, lpm = bpf.open_map(), bpf.open_lpm()
+    entries = bpf.attach_entries(fd)
+    for i, (pod, result, rate) in enumerate(zip(pods, results, rates, strict=True)):
+        veth = next(x["name"] for x in result["interfaces"] if x["name"].startswith("veth"))
         ifb = result["interfaces"][-1]["name"]
-        assert kv.tbf(veth)["rate"] == rate // 8, pod.name
-        assert kv.tbf(ifb)["rate"] == 2 * rate // 8, pod.name
+        kind = "htb" if subnet_of(i) else "tbf"
+        assert kv.root(veth)["kind"] == kind and kv.root(ifb)["kind"] == kind, pod.name
+        if kind == "tbf":
+            assert kv.tbf(veth)["rate"] == rate // 8, pod.name
+            assert kv.tbf(ifb)["rate"] == 2 * rate // 8, pod.name
+        else:
+            assert kv.htb_class(veth, 0xB0D00001)["rate"] == rate // 8, pod.name
+            assert kv.htb_class(ifb, 0xB0D00001)["rate"] == 2 * rate // 8, pod.name
+        (attach_id,) = {f["classid"] for f in kv.filters[veth] + kv.out_filters[veth]}
+        assert entries[attach_id].container_id == f"{pod.name}-cid"
+        assert sorted(map(str, bpf.subnets_of(lpm, attach_id))) == sorted(subnet_of(i) or []), pod.name
     ids = [f[0]["classid"] for f in kv.filters.values()]
     assert len(ids) == PARALLEL and len(set(ids)) == PARALLEL  # no id handed out twice
 
@@ -82,5 +103,8 @@ def test_parallel_add_check_del(lab: Lab) -> None:
     assert all(rc == 0 for rc, _ in deleted), [o for rc, o in deleted if rc]
     assert settled_ifbs(lab.node) == []
     kv = view(lab.node)
-    assert not any(kv.has_clsact(n) or kv.tbf(n) for n in kv.links)
+    assert not any(kv.has_clsact(n) or kv.root(n)["kind"] != "noqueue" for n in kv.links if kv.root(n))
     assert attach_count() == before
+    assert not set(ids) & bpf.lpm_ids(lpm)
+    os.close(fd)
+    os.close(lpm)

@@ -149,7 +149,7 @@ def test_status_without_bcc_or_kernel_headers_is_not_ready(tmp_path) -> None:
     repo = Path(__file__).resolve().parent.parent
     script = (
         f"mount --bind {empty} /lib/modules/{release} && "
-        f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = [{str(repo)!r}]; "
+        f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = [{json.dumps(str(repo))}]; "
         "from bwplugin.cli import main; raise SystemExit(main())'"
     )
     env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_PIN_DIR": str(tmp_path / "no-pins"), "PATH": os.environ["PATH"]}
