@@ -173,7 +173,6 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Li
     progs = bpf.programs()
     undo.push(progs.close)
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
-    _release_stale_entries(nl, progs, owner_of(conf, env))
     entry = bpf.AttachEntry(
         0, host.index, entry_flags(conf), owner_of(conf, env), bpf.network_hash(conf.name),
         env.ifname, env.container_id,
@@ -232,16 +231,6 @@ def _add_ifb(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, attach_id: in
     label = IfbLabel(network_tag(conf.name), attach_id, host.index, env.ifname, env.container_id)
     nl.set_link(ifb.index, up=True, alias=format_alias(label))
     return ifb
-
-
-def _release_stale_entries(nl: Netlink, progs: bpf.Programs, owner: int) -> None:
-    """Entries of this attachment left by an ADD that died before DEL ran: nothing
-    steers packets through them unless a filter still carries their id."""
-    for attach_id in bpf.owner_ids(progs.map_fd, owner):
-        entry = bpf.attach_get(progs.map_fd, attach_id)
-        if entry is not None and tc.our_classid(nl, entry.host_index) != attach_id:
-            log(f"releasing attachment id {attach_id} left by an earlier ADD")
-            bpf.release(progs.map_fd, progs.lpm_fd, attach_id)
 
 
 def _remove_stale_ifb(nl: Netlink, name: str) -> None:

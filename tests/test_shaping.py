@@ -66,3 +66,12 @@ def test_buffer_ticks_match_kernel_units():
 def test_jumbo_mtu_floors_scale():
     p = tbf_params(Direction(1_000_000, 8), Policy(), mtu=9000)
     assert p.burst == 4 * 9014
+
+
+def test_htb_leaf_holds_two_gso_packets_but_follows_latency_above():
+    from bwplugin.shaping import htb_leaf_limit
+
+    low = tbf_params(Direction(10_000_000, 4294967295), Policy())
+    assert low.limit == 31_250 and htb_leaf_limit(low) == 2 * (65536 + 1514)
+    high = tbf_params(Direction(1_000_000_000, 4294967295), Policy())
+    assert htb_leaf_limit(high) == high.limit == 3_125_000
