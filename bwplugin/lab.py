@@ -110,9 +110,12 @@ class Lab:
         self.own_pins = "BWPLUGIN_PIN_DIR" not in os.environ
         if self.own_pins:
             os.environ["BWPLUGIN_PIN_DIR"] = f"{bpf.BPFFS}/{PREFIX}-{self.tag}"
-        self.runtime = Runtime(
-            [str(self.bin_dir)], node_netns=self.node, extra_env={"BWPLUGIN_PIN_DIR": os.environ["BWPLUGIN_PIN_DIR"]}
-        )
+        # likewise the node lock and the redirect-probe cache, never /run/bwplugin
+        self.own_run_dir = "BWPLUGIN_RUN_DIR" not in os.environ
+        if self.own_run_dir:
+            os.environ["BWPLUGIN_RUN_DIR"] = str(self.tmp / "run")
+        private = {k: os.environ[k] for k in ("BWPLUGIN_PIN_DIR", "BWPLUGIN_RUN_DIR")}
+        self.runtime = Runtime([str(self.bin_dir)], node_netns=self.node, extra_env=dict(private))
         self.agent_socket = str(self.tmp / "agent" / "agent.sock")
         try:
             if self.use_agent:
@@ -129,7 +132,7 @@ class Lab:
 
     def start_agent(self) -> None:
         """The node agent, in the node namespace (it must live in the host netns)."""
-        env = {**os.environ, "BWPLUGIN_PIN_DIR": os.environ["BWPLUGIN_PIN_DIR"]}
+        env = dict(os.environ)  # carries the private pin and run directories
         log = open(self.tmp / "agent.log", "ab")  # noqa: SIM115 (owned by the process)
         self.agent = subprocess.Popen(
             ["nsenter", f"--net={self.node}", sys.executable, "-m", "bwplugin.agent", "--socket", self.agent_socket],
@@ -174,6 +177,8 @@ class Lab:
         shutil.rmtree(self.tmp, ignore_errors=True)
         if getattr(self, "own_pins", False):
             remove_pin_dir(os.environ.pop("BWPLUGIN_PIN_DIR"))
+        if getattr(self, "own_run_dir", False):
+            os.environ.pop("BWPLUGIN_RUN_DIR")
 
     def _purge_map_entries(self) -> None:
         """Map entries of this lab's attachments that a failed DEL left behind would

@@ -174,6 +174,7 @@ def redirect_mode(progs: bpf.Programs, requested: str) -> str:
             return cached
         mode = "bpf" if redirect_honoured(progs) else "mirred"
         settings.log(f"eBPF redirect into ifb {'works' if mode == 'bpf' else 'is not honoured'}: using {mode}")
+        run_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(f"{key} {mode}")
         os.replace(tmp, cache)

@@ -5,6 +5,8 @@ never a silent skip."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,10 +38,13 @@ def private_pins() -> Iterator[None]:
         return
     path = f"/sys/fs/bpf/bwpt-test-{os.getpid()}"
     os.environ["BWPLUGIN_PIN_DIR"] = path
+    # the node lock and the redirect-probe cache, never the node's /run/bwplugin
+    os.environ["BWPLUGIN_RUN_DIR"] = tempfile.mkdtemp(prefix="bwpt-run-")
     try:
         yield
     finally:
         remove_pin_dir(os.environ.pop("BWPLUGIN_PIN_DIR"))
+        shutil.rmtree(os.environ.pop("BWPLUGIN_RUN_DIR"), ignore_errors=True)
 
 
 @pytest.fixture(params=["in-process", "agent"])
