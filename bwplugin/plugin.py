@@ -171,7 +171,7 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Li
     last step (the filters); each step registers its undo."""
     bw = conf.bandwidth
     progs = bpf.programs()
-    undo.push(progs.close)
+    undo.push(progs.close)  # on failure: after the steps below that still need its fds
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
     entry = bpf.AttachEntry(
         0, host.index, entry_flags(conf), owner_of(conf, env), bpf.network_hash(conf.name),
@@ -204,6 +204,7 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Li
         nl, host.index, tc.CLSACT_INGRESS, progs.fd(from_pod), progs.filter_name(from_pod), attach_id, mirred_to
     )
     fault("after-filter")
+    progs.close()  # the filters hold the programs now; a long-lived agent must not keep fds
     return ifb
 
 
@@ -265,16 +266,15 @@ def cmd_del(env: Env, conf: NetConf) -> None:
         host_index = _del_host_index(nl, env, conf)
         map_fd, lpm_fd = bpf.open_map(), bpf.open_lpm()
         try:
-            ids = bpf.owner_ids(map_fd, owner) if map_fd is not None else []
+            entries = bpf.owner_entries(map_fd, owner) if map_fd is not None else {}
             if host_index is not None:
                 teardown_host(nl, host_index)  # the pod's own veth: ours whatever it carries
-            for attach_id in ids:
-                entry = bpf.attach_get(map_fd, attach_id) if map_fd is not None else None
-                if entry is not None and entry.host_index != host_index:
+            for attach_id, entry in entries.items():
+                if entry.host_index != host_index:
                     teardown_host(nl, entry.host_index, attach_id)  # only if its filters prove it
-            for attach_id in ids:
-                if map_fd is not None:
-                    bpf.release(map_fd, lpm_fd, attach_id)
+            for attach_id in entries:
+                assert map_fd is not None
+                bpf.release(map_fd, lpm_fd, attach_id)
         finally:
             for fd in (map_fd, lpm_fd):
                 if fd is not None:
@@ -366,13 +366,14 @@ def _check_root(
         actual = (got.rate, got.limit, got.buffer_ticks) if got else None
         _compare(problems, what, (want.rate, want.limit, want.buffer_ticks), actual)
         return
-    shaped = tc.htb_classes(nl, index).get(tc.CLASS_SHAPED)
+    classes = tc.htb_classes(nl, index)
+    shaped = classes.get(tc.CLASS_SHAPED)
     leaf = nl.qdisc(index, tc.CLASS_SHAPED)
     limit = tc.bfifo_limit(leaf) if leaf is not None else None
     actual = (shaped.rate, limit or 0, shaped.buffer_ticks) if shaped else None
     expected = (want.rate, htb_leaf_limit(want, mtu), want.buffer_ticks)
     _compare(problems, f"{what} class b0d0:1", expected, actual)
-    if tc.CLASS_UNSHAPED not in tc.htb_classes(nl, index):
+    if tc.CLASS_UNSHAPED not in classes:
         problems.append(f"{what}: unshaped class b0d0:2 missing")
 
 

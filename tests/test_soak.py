@@ -40,6 +40,7 @@ def test_soak_add_del_cycles_leak_nothing() -> None:
         assert lpm is not None
         lpm_before = len(bpf.lpm_ids(lpm))
         rss: list[int] = []
+        fds: list[int] = []  # open files: a leaked program or map fd per ADD would show
         faults = 0
         for batch in range(CYCLES // BATCH):
             pods = [lab.pod(f"s{batch}-{i}") for i in range(BATCH)]
@@ -58,6 +59,7 @@ def test_soak_add_del_cycles_leak_nothing() -> None:
                 lab.remove_pod(pod)  # DEL (also after the failed ADDs), then the netns goes
             assert lab.agent is not None
             rss.append(rss_kib(lab.agent.pid))
+            fds.append(len(os.listdir(f"/proc/{lab.agent.pid}/fd")))
         assert faults >= CYCLES // 7
         assert settled_ifbs(lab.node) == []
         kv = view(lab.node)
@@ -68,4 +70,5 @@ def test_soak_add_del_cycles_leak_nothing() -> None:
         # flat memory: after warm-up (first batches) the agent grows by less than 4 MiB
         warm = rss[min(2, len(rss) - 1)]
         assert rss[-1] - warm < 4096, rss
+        assert fds[-1] <= fds[0] + 2, fds
         print(f"soak: {CYCLES} cycles, {faults} injected faults, agent RSS KiB {rss[0]} -> {rss[-1]}")
