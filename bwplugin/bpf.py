@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -253,10 +252,14 @@ def attach_entries(map_fd: int) -> dict[int, AttachEntry]:
     return {KEY.unpack(k)[0]: AttachEntry.unpack(v) for k, v in map_items(map_fd, KEY.size, VAL.size)}
 
 
-def owner_ids(map_fd: int, owner: int) -> list[int]:
-    """Ids whose entry belongs to one (network, container, ifname); reads only the
-    owner field, so a DEL stays cheap on a node with many pods."""
-    return [KEY.unpack(k)[0] for k, v in map_items(map_fd, KEY.size, VAL.size) if _OWNER.unpack_from(v, 16)[0] == owner]
+def owner_entries(map_fd: int, owner: int) -> dict[int, AttachEntry]:
+    """The entries of one (network, container, ifname), from one batch read; only
+    those are decoded, so a DEL stays cheap on a node with many pods."""
+    return {
+        KEY.unpack(k)[0]: AttachEntry.unpack(v)
+        for k, v in map_items(map_fd, KEY.size, VAL.size)
+        if _OWNER.unpack_from(v, 16)[0] == owner
+    }
 
 
 _OWNER = struct.Struct("=Q")
@@ -363,10 +366,14 @@ def version() -> str:
     try:
         key = (src, src.stat().st_mtime)
         if key not in _DIGESTS:
-            _DIGESTS[key] = hashlib.sha256(src.read_bytes() + f"layout={MAP_LAYOUT}".encode()).hexdigest()[:12]
+            _DIGESTS[key] = _digest(src)
     except OSError as exc:
         raise BPFUnavailableError(f"eBPF source {src} cannot be read: {exc.strerror}") from exc
     return _DIGESTS[key]
+
+
+def _digest(src: Path) -> str:
+    return hashlib.sha256(src.read_bytes() + f"layout={MAP_LAYOUT}".encode()).hexdigest()[:12]
 
 
 def prog_path(name: str, ver: str | None = None) -> Path:
@@ -455,6 +462,8 @@ def node_lock(wait: float | None = None) -> Iterator[None]:
 def compile_in_child() -> None:
     """bcc and LLVM take ~100 MB that a long-lived agent would keep for good after
     compiling once; a short-lived child process returns it to the system."""
+    import subprocess  # ~7 ms to import: only a cold compile needs it
+
     argv = [sys.executable, "-I", "-c", _CHILD, json.dumps(sys.path), str(source_path()), str(pin_dir())]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
@@ -481,7 +490,7 @@ def compile_and_pin(src: str, pins: str) -> None:
     """Runs in the child: compile with bcc, pin every program, unpin old versions."""
     pdir = Path(pins)
     pdir.mkdir(parents=True, exist_ok=True)
-    ver = hashlib.sha256(Path(src).read_bytes() + f"layout={MAP_LAYOUT}".encode()).hexdigest()[:12]
+    ver = _digest(Path(src))
     try:
         from bcc import BPF  # heavy (LLVM); only here
     except ImportError as exc:

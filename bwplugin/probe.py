@@ -63,6 +63,17 @@ def _try_qdisc(kind: str) -> Callable[[Netlink, int], None]:
     return add
 
 
+def _clsact_ready(nl: Netlink, index: int) -> bool:
+    """A clsact to hang probe filters on (the kinds loop may have left one)."""
+    if tc.clsact_qdisc(nl, index) is not None:
+        return True
+    try:
+        tc.add_clsact(nl, index)
+    except KernelFeatureError:
+        return False
+    return True
+
+
 def missing_kinds(kinds: tuple[str, ...] = ("tbf", "htb", "clsact"), progs: bpf.Programs | None = None) -> list[str]:
     """The kinds this kernel cannot create, each with the module that would provide
     it. With programs, also cls_bpf in both modes and act_mirred."""
@@ -82,9 +93,7 @@ def missing_kinds(kinds: tuple[str, ...] = ("tbf", "htb", "clsact"), progs: bpf.
             if exc.errno != errno.EOPNOTSUPP:
                 raise
             missing.append("device ifb (ifb)")
-        if progs is not None and "clsact" not in " ".join(missing):
-            if tc.clsact_qdisc(nl, lo.index) is None:
-                tc.add_clsact(nl, lo.index)
+        if progs is not None and _clsact_ready(nl, lo.index):
             try:
                 tc.add_bpf_filter(nl, lo.index, tc.CLSACT_EGRESS, progs.fd("bwp_to_pod"), "bwplugin:probe", 0)
             except KernelFeatureError:

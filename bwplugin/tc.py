@@ -231,10 +231,6 @@ def is_our_root(q: TcObject | None) -> bool:
     return q is not None and q.kind in ("tbf", "htb") and q.handle == ROOT_HANDLE
 
 
-def is_our_tbf(q: TcObject | None) -> bool:
-    return q is not None and q.kind == "tbf" and q.handle == TBF_HANDLE
-
-
 def tbf_state(q: TcObject) -> TBFState | None:
     raw = q.options.get(TCA_TBF_PARMS)
     if q.kind != "tbf" or raw is None or len(raw) < _TBF_QOPT.size:

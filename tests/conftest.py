@@ -57,3 +57,9 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
 
 def shaper(**static: Any) -> dict[str, Any]:
     return {"type": "bwplugin", "capabilities": {"bandwidth": True}, **static}
+
+
+def host_veth(pod: Any, result: dict[str, Any] | None = None) -> str:
+    """The pod's host-side veth, from its CNI result (or the given one)."""
+    ifaces = (result or pod.attachment.result)["interfaces"]
+    return next(i["name"] for i in ifaces if not i.get("sandbox") and not i["name"].startswith("bwpl"))

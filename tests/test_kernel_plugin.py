@@ -16,16 +16,11 @@ from bwplugin.measure import TCP_GOODPUT_CEILING, Sampler, iperf_goodput
 from bwplugin.naming import ifb_name, parse_alias
 from bwplugin.tc import TBF_HANDLE
 
-from .conftest import bandwidth, shaper
+from .conftest import bandwidth, host_veth, shaper
 from .oracle import settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
-
-
-def host_veth(pod: Pod) -> str:
-    ifaces = pod.attachment.result["interfaces"]
-    return next(i["name"] for i in ifaces if not i.get("sandbox") and not i["name"].startswith("bwpl"))
 
 
 def shaper_conf(pod: Pod, command_result: bool = True) -> dict:

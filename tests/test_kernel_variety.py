@@ -12,13 +12,13 @@ import pytest
 
 from bwplugin import bpf, probe, tc
 from bwplugin.errors import KernelFeatureError
-from bwplugin.lab import Lab, Pod
+from bwplugin.lab import Lab
 from bwplugin.libcni import plugin_conf
 from bwplugin.measure import Sampler
 from bwplugin.netlink import Netlink
 from bwplugin.plugin import status_problems
 
-from .conftest import bandwidth, shaper
+from .conftest import bandwidth, host_veth, shaper
 from .oracle import filter_actions, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
@@ -30,11 +30,6 @@ def programs(lab: Lab) -> Iterator[bpf.Programs]:
     progs = bpf.programs()
     yield progs
     progs.close()
-
-
-def host_veth(pod: Pod) -> str:
-    ifaces = pod.attachment.result["interfaces"]
-    return next(i["name"] for i in ifaces if not i.get("sandbox") and not i["name"].startswith("bwpl"))
 
 
 def test_forced_mirred_fallback_shapes_checks_and_cleans(lab: Lab) -> None:

@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 
 from bwplugin import bpf
-from bwplugin.lab import Lab, Pod
+from bwplugin.lab import Lab
 from bwplugin.libcni import plugin_conf
 
-from .conftest import bandwidth, shaper
+from .conftest import bandwidth, host_veth, shaper
 from .oracle import settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 RATE = 10_000_000
-
-
-def host_veth_of(pod: Pod, result: dict) -> str:
-    return next(i["name"] for i in result["interfaces"] if not i.get("sandbox") and not i["name"].startswith("bwpl"))
 
 
 def stats(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +42,7 @@ def test_stats_table_json_and_prometheus(lab: Lab, tmp_path: Path) -> None:
     lab.iperf_server(peer)
     lab.iperf(pod, peer, seconds=2, udp_rate=RATE * 2)  # twice the rate: the qdisc must drop
     (row,) = rows_of(lab, att.container_id)
-    veth, ifb = host_veth_of(pod, att.result), att.result["interfaces"][-1]["name"]
+    veth, ifb = host_veth(pod, att.result), att.result["interfaces"][-1]["name"]
     assert (row["ifname"], row["host_veth"], row["ifb"], row["problems"]) == ("eth0", veth, ifb, [])
     eg, ing = row["egress"], row["ingress"]
     assert eg["queue"]["rate_bps"] == RATE and ing["queue"]["rate_bps"] == 2 * RATE
@@ -102,7 +98,7 @@ def test_counters_survive_a_plugin_upgrade(lab: Lab, tmp_path: Path) -> None:
     lab.attach(new, conflist, bandwidth(egress=RATE))
     new_ver = [p.name for p in Path(os.environ["BWPLUGIN_PIN_DIR"]).iterdir() if p.name.startswith("bwp_from_pod_")]
     assert len(new_ver) == 2  # bwp_from_pod_<v> and bwp_from_pod_mirred_<v>, of the new build only
-    old_filter = view(lab.node).filters[host_veth_of(old, att.result)][0]["name"]
+    old_filter = view(lab.node).filters[host_veth(old, att.result)][0]["name"]
     assert not any(old_filter.endswith(v.rsplit("_", 1)[1]) for v in new_ver)
 
     lab.iperf(old, peer, seconds=1, omit=0, udp_rate=RATE)
@@ -132,7 +128,7 @@ def test_multiple_attachments_per_container(lab: Lab) -> None:
     assert len(set(ifbs.values())) == 3
     for (ifname, att), rate in zip(atts.items(), (RATE, 2 * RATE, 3 * RATE), strict=True):
         assert kv.tbf(ifbs[ifname])["rate"] == rate // 8
-        assert kv.tbf(host_veth_of(pod, att.result))["rate"] == rate // 8
+        assert kv.tbf(host_veth(pod, att.result))["rate"] == rate // 8
         att.check()
     rows = {r["ifname"]: r for r in rows_of(lab, cid)}
     assert {k: r["egress"]["queue"]["rate_bps"] for k, r in rows.items()} == {

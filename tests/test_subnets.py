@@ -18,17 +18,12 @@ from bwplugin.lab import Lab, Pod
 from bwplugin.libcni import PluginFailed, plugin_conf
 from bwplugin.measure import Sampler, iperf_goodput
 
-from .conftest import bandwidth, shaper
+from .conftest import bandwidth, host_veth, shaper
 from .oracle import view
 
 pytestmark = pytest.mark.kernel
 SUBNET6 = "fd00:b0d:1::/64"
 RATE = 10_000_000
-
-
-def host_veth(pod: Pod) -> str:
-    ifaces = pod.attachment.result["interfaces"]
-    return next(i["name"] for i in ifaces if not i.get("sandbox") and not i["name"].startswith("bwpl"))
 
 
 def wait_dad(lab: Lab, *pods: Pod) -> None:
