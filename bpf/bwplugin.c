@@ -63,9 +63,18 @@ struct bwp_lpm_key {
     __u8 addr[16];
 };
 
+// Whose attachment this is: the Kubernetes pod from CNI_ARGS, for bwplugin
+// stats and metrics. Written and read by the loader only; never on the data path.
+struct bwp_pod {
+    char ns[64];     // K8S_POD_NAMESPACE (at most 63 characters)
+    char name[256];  // K8S_POD_NAME (at most 253)
+    char uid[64];    // K8S_POD_UID
+};
+
 // BWP_*_PIN and BWP_MAX_* come from the loader, which versions the pin paths by
 // this layout so that upgrades keep their counters.
 BPF_TABLE_PINNED("hash", __u32, struct bwp_val, bwp_attach, BWP_MAX_ATTACH, BWP_MAP_PIN, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct bwp_pod, bwp_pods, BWP_MAX_ATTACH, BWP_POD_PIN, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct bwp_lpm_key, __u8, bwp_subnets, BWP_MAX_SUBNETS, BWP_LPM_PIN,
                  BPF_F_NO_PREALLOC);
 

@@ -43,6 +43,7 @@ KEY = struct.Struct("=I")  # attachment id (the filters' classid)
 VAL = struct.Struct("=IIIIQQ8Q16s128s")  # struct bwp_val
 LPM_KEY = struct.Struct("=IHBx16s")  # struct bwp_lpm_key
 LPM_VAL = struct.Struct("=B")
+POD_VAL = struct.Struct("=64s256s64s")  # struct bwp_pod
 CID_MAX = 127
 
 
@@ -51,8 +52,12 @@ def pin_dir() -> Path:
 
 
 def source_path() -> Path:
-    default = Path(__file__).resolve().parent.parent / "bpf"
-    return Path(settings.get("BWPLUGIN_BPF_DIR") or default) / "bwplugin.c"
+    override = settings.get("BWPLUGIN_BPF_DIR")
+    if override:
+        return Path(override) / "bwplugin.c"
+    here = Path(__file__).resolve().parent
+    wheel = here / "ebpf" / "bwplugin.c"  # installed from a wheel (package data)
+    return wheel if wheel.exists() else here.parent / "bpf" / "bwplugin.c"  # a checkout or a --lib copy
 
 
 def lock_path() -> Path:
@@ -267,13 +272,44 @@ _OWNER = struct.Struct("=Q")
 
 def release(map_fd: int, lpm_fd: int | None, attach_id: int) -> None:
     """Forget an attachment: its prefixes first (walking the trie only if it has
-    any), then its id, which frees it for reuse."""
+    any) and its pod, then its id, which frees it for reuse."""
     entry = attach_get(map_fd, attach_id)
     if entry is None:
         return
     if lpm_fd is not None and entry.flags & F_SUBNETS:
         subnets_delete(lpm_fd, attach_id)
+    pods_fd = open_pods()
+    if pods_fd is not None:
+        try:
+            map_delete(pods_fd, attach_key(attach_id))
+        finally:
+            os.close(pods_fd)
     map_delete(map_fd, attach_key(attach_id))
+
+
+# ---------------------------------------------------------------- pods (who owns an attachment)
+
+
+@dataclass(frozen=True)
+class PodEntry:
+    namespace: str
+    name: str
+    uid: str
+
+    def pack(self) -> bytes:
+        return POD_VAL.pack(self.namespace.encode()[:63], self.name.encode()[:255], self.uid.encode()[:63])
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> PodEntry:
+        return cls(*(f.split(b"\0", 1)[0].decode(errors="replace") for f in POD_VAL.unpack_from(raw)))
+
+
+def pod_set(pods_fd: int, attach_id: int, pod: PodEntry) -> None:
+    map_update(pods_fd, attach_key(attach_id), pod.pack())
+
+
+def pod_entries(pods_fd: int) -> dict[int, PodEntry]:
+    return {KEY.unpack(k)[0]: PodEntry.unpack(v) for k, v in map_items(pods_fd, KEY.size, POD_VAL.size)}
 
 
 def owner_hash(network: str, container_id: str, ifname: str) -> int:
@@ -331,6 +367,7 @@ class Programs:
     fds: dict[str, int]  # program name -> fd
     map_fd: int
     lpm_fd: int
+    pods_fd: int
     version: str  # digest of source + layout: part of every pin and filter name
 
     def fd(self, name: str) -> int:
@@ -344,7 +381,7 @@ class Programs:
         return obj_id(self.fds[name])
 
     def close(self) -> None:
-        for fd in (*self.fds.values(), self.map_fd, self.lpm_fd):
+        for fd in (*self.fds.values(), self.map_fd, self.lpm_fd, self.pods_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -355,6 +392,10 @@ def map_path() -> Path:
 
 def lpm_path() -> Path:
     return pin_dir() / f"subnets_v{MAP_LAYOUT}"
+
+
+def pods_path() -> Path:
+    return pin_dir() / f"pods_v{MAP_LAYOUT}"
 
 
 _DIGESTS: dict[tuple[Path, float], str] = {}
@@ -386,19 +427,14 @@ def open_pinned() -> Programs | None:
     try:
         for name in PROGRAMS:
             fds[name] = obj_get(prog_path(name, ver))
-        map_fd = obj_get(map_path())
+        for name, path in (("map", map_path()), ("lpm", lpm_path()), ("pods", pods_path())):
+            fds[name] = obj_get(path)
     except OSError:
         for fd in fds.values():
             os.close(fd)
         return None
-    try:
-        lpm_fd = obj_get(lpm_path())
-    except OSError:
-        os.close(map_fd)
-        for fd in fds.values():
-            os.close(fd)
-        return None
-    return Programs(fds, map_fd, lpm_fd, ver)
+    maps = [fds.pop(name) for name in ("map", "lpm", "pods")]
+    return Programs(fds, *maps, ver)
 
 
 def open_map() -> int | None:
@@ -412,6 +448,13 @@ def open_map() -> int | None:
 def open_lpm() -> int | None:
     try:
         return obj_get(lpm_path())
+    except OSError:
+        return None
+
+
+def open_pods() -> int | None:
+    try:
+        return obj_get(pods_path())
     except OSError:
         return None
 
@@ -498,6 +541,7 @@ def compile_and_pin(src: str, pins: str) -> None:
     cflags = [
         f'-DBWP_MAP_PIN="{pdir}/attach_v{MAP_LAYOUT}"',
         f'-DBWP_LPM_PIN="{pdir}/subnets_v{MAP_LAYOUT}"',
+        f'-DBWP_POD_PIN="{pdir}/pods_v{MAP_LAYOUT}"',
         f"-DBWP_MAX_ATTACH={MAX_ATTACH}",
         f"-DBWP_MAX_SUBNETS={MAX_SUBNETS}",
         "-w",

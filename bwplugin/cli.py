@@ -19,6 +19,7 @@ from .config import (
     NetConf,
     Policy,
     decode,
+    get,
     parse_env,
     parse_netconf,
     parse_version,
@@ -28,7 +29,7 @@ from .protocol import version_output
 
 
 def _error_version(doc: Mapping[str, Any] | None) -> str:
-    version = doc.get("cniVersion") if doc else None
+    version = get(doc, "cniVersion") if doc else None
     return version if isinstance(version, str) and version in SUPPORTED_VERSIONS else LATEST_VERSION
 
 
@@ -36,10 +37,10 @@ def _lenient_conf(doc: Mapping[str, Any]) -> NetConf:
     """DEL must not fail on a config it can no longer parse (bad rates, policy):
     it needs only the version and the network name to find what to remove."""
     version = parse_version(doc)
-    name = doc.get("name")
+    name = get(doc, "name")
     if not isinstance(name, str) or not name:
         raise InvalidConfigError(f"name must be a non-empty string, got {name!r}")
-    prev = doc.get("prevResult")
+    prev = get(doc, "prevResult")
     return NetConf(version, name, Bandwidth(), Policy(), prev if isinstance(prev, dict) else None, raw=doc)
 
 
@@ -60,7 +61,7 @@ def _run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] 
     try:
         env = parse_env(environ)
         if env.command == "VERSION":
-            requested = decode(stdin).get("cniVersion") if stdin.strip() else None
+            requested = get(decode(stdin), "cniVersion") if stdin.strip() else None
             return 0, version_output(requested if isinstance(requested, str) else None)
         doc = decode(stdin)
         if env.command == "DEL":

@@ -1,6 +1,11 @@
 """Pure parsing and validation of the CNI environment and network config.
 
-Nothing here touches the kernel; every error names the field and the value."""
+Nothing here touches the kernel; every error names the field and the value.
+
+Keys are matched as Go's encoding/json matches them (the reference plugin and
+every runtime's CNI library are Go): exactly or case-insensitively, the last
+spelling in the object winning. containerd, for one, sends
+runtimeConfig.bandwidth with Go field names ("IngressRate"), CRI-O lower-case."""
 
 from __future__ import annotations
 
@@ -28,8 +33,26 @@ SUBNET_KEYS = ("shapedSubnets", "unshapedSubnets")
 MAX_SUBNETS = 64  # per attachment
 REDIRECT_MODES = ("auto", "bpf", "mirred")
 
+# CNI_ARGS keys a runtime sends for Kubernetes pods (containerd, CRI-O, multus)
+POD_ARGS = ("K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID", "K8S_POD_INFRA_CONTAINER_ID")
+KNOWN_ARGS = ("IgnoreUnknown", *POD_ARGS)
+
 _CONTAINER_ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 _IFNAME_BAD = re.compile(r"[/:\s]")
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """The Kubernetes pod behind an attachment, from CNI_ARGS (empty when the
+    runtime is not a Kubernetes one)."""
+
+    namespace: str = ""
+    name: str = ""
+    uid: str = ""
+
+    @property
+    def known(self) -> bool:
+        return bool(self.namespace or self.name)
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,12 @@ class Env:
     ifname: str = ""
     args: Mapping[str, str] = field(default_factory=dict)
     path: tuple[str, ...] = ()
+
+    @property
+    def pod(self) -> PodRef:
+        return PodRef(
+            self.args.get("K8S_POD_NAMESPACE", ""), self.args.get("K8S_POD_NAME", ""), self.args.get("K8S_POD_UID", "")
+        )
 
 
 @dataclass(frozen=True)
@@ -130,7 +159,8 @@ def parse_env(environ: Mapping[str, str]) -> Env:
         container_id=cid,
         netns=netns,
         ifname=ifname,
-        args=parse_cni_args(environ.get("CNI_ARGS", "")),
+        # DEL must clean up whatever CNI_ARGS says: it reads them leniently
+        args=parse_cni_args(environ.get("CNI_ARGS", ""), strict=command != "DEL"),
         path=_split_path(environ.get("CNI_PATH", "")),
     )
 
@@ -144,13 +174,28 @@ def validate_ifname(what: str, ifname: str) -> None:
         raise InvalidEnvError(f"{what}={ifname!r} is not a valid interface name")
 
 
-def parse_cni_args(text: str) -> dict[str, str]:
+def parse_cni_args(text: str, strict: bool = True) -> dict[str, str]:
+    """K=V;K2=V2 as libcni's LoadArgs reads it: a malformed pair is an error, and
+    so is a key bwplugin does not know, unless IgnoreUnknown is true (runtimes
+    send IgnoreUnknown=1). strict=False (DEL) keeps what parses and drops the rest."""
     out: dict[str, str] = {}
     for pair in filter(None, text.split(";")):
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidEnvError(f"CNI_ARGS entry {pair!r} is not KEY=VALUE")
+        if not sep or not key or "=" in value:
+            if strict:
+                raise InvalidEnvError(f"CNI_ARGS entry {pair!r} is not KEY=VALUE")
+            continue
         out[key] = value
+    ignore = out.get("IgnoreUnknown", "false")
+    if ignore.lower() not in ("1", "true", "0", "false"):
+        if strict:
+            raise InvalidEnvError(f"CNI_ARGS IgnoreUnknown={ignore!r} is not a boolean (1, true, 0 or false)")
+        ignore = "1"
+    unknown = [k for k in out if k not in KNOWN_ARGS]
+    if strict and unknown and ignore.lower() not in ("1", "true"):
+        raise InvalidEnvError(
+            f"CNI_ARGS has unknown key(s) {', '.join(unknown)}; known: {', '.join(KNOWN_ARGS)} (or set IgnoreUnknown=1)"
+        )
     return out
 
 
@@ -159,6 +204,21 @@ def _split_path(text: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------- config
+
+
+def folded(doc: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """casefolded key -> (key as sent, value); a later spelling wins, as in Go."""
+    return {str(k).casefold(): (str(k), v) for k, v in doc.items()}
+
+
+def get(doc: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """doc[key] matched as Go's encoding/json matches a struct field's name."""
+    hit = folded(doc).get(key.casefold())
+    return default if hit is None else hit[1]
+
+
+def has(doc: Mapping[str, Any], key: str) -> bool:
+    return key.casefold() in folded(doc)
 
 
 def decode(stdin: bytes | str) -> dict[str, Any]:
@@ -173,7 +233,7 @@ def decode(stdin: bytes | str) -> dict[str, Any]:
 
 
 def parse_version(doc: Mapping[str, Any]) -> str:
-    version = doc.get("cniVersion")
+    version = get(doc, "cniVersion")
     if version is None:
         raise InvalidConfigError("cniVersion is required")
     if not isinstance(version, str):
@@ -188,10 +248,10 @@ def parse_version(doc: Mapping[str, Any]) -> str:
 
 def parse_netconf(doc: Mapping[str, Any]) -> NetConf:
     version = parse_version(doc)
-    name = doc.get("name")
+    name = get(doc, "name")
     if not isinstance(name, str) or not name:
         raise InvalidConfigError(f"name must be a non-empty string, got {name!r}")
-    prev = doc.get("prevResult")
+    prev = get(doc, "prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise InvalidConfigError(f"prevResult must be an object, got {type(prev).__name__}")
     return NetConf(
@@ -208,26 +268,47 @@ def parse_netconf(doc: Mapping[str, Any]) -> NetConf:
 
 def parse_bandwidth(doc: Mapping[str, Any]) -> Bandwidth:
     """Static keys win if any is present (even 0), as in the reference plugin."""
-    if any(k in doc for k in BANDWIDTH_KEYS):
+    if any(has(doc, k) for k in BANDWIDTH_KEYS):
         return _bandwidth_from(doc, "", "static")
-    runtime = doc.get("runtimeConfig")
-    if runtime is None:
-        return Bandwidth()
-    if not isinstance(runtime, dict):
-        raise InvalidConfigError(f"runtimeConfig must be an object, got {runtime!r}")
-    bw = runtime.get("bandwidth")
+    bw = runtime_bandwidth(doc)
     if bw is None:
         return Bandwidth()
+    return _bandwidth_from(bw, "runtimeConfig.bandwidth.", "runtimeConfig")
+
+
+def runtime_bandwidth(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """runtimeConfig.bandwidth, checked for keys bwplugin cannot read. An unread
+    key is an error, not a warning: a pod asked for shaping and would silently
+    get none (as happened with containerd's spelling); a failed sandbox shows in
+    the pod's events, a warning in the runtime's log is read by nobody."""
+    runtime = get(doc, "runtimeConfig")
+    if runtime is None:
+        return None
+    if not isinstance(runtime, dict):
+        raise InvalidConfigError(f"runtimeConfig must be an object, got {runtime!r}")
+    bw = get(runtime, "bandwidth")
+    if bw is None:
+        return None
     if not isinstance(bw, dict):
         raise InvalidConfigError(f"runtimeConfig.bandwidth must be an object, got {bw!r}")
-    return _bandwidth_from(bw, "runtimeConfig.bandwidth.", "runtimeConfig")
+    known = {k.casefold() for k in (*BANDWIDTH_KEYS, *SUBNET_KEYS)}
+    for key in bw:
+        if str(key).casefold() not in known:
+            raise InvalidConfigError(
+                f"runtimeConfig.bandwidth.{key}={bw[key]!r} is not a key bwplugin knows "
+                f"(known, in any letter case: {', '.join((*BANDWIDTH_KEYS, *SUBNET_KEYS))})"
+            )
+    return bw
 
 
 def _bandwidth_from(src: Mapping[str, Any], prefix: str, source: str) -> Bandwidth:
     def direction(name: str) -> Direction | None:
-        rate_key, burst_key = f"{prefix}{name}Rate", f"{prefix}{name}Burst"
-        rate = uint_field(rate_key, src.get(f"{name}Rate", 0), MAX_RATE)
-        burst = uint_field(burst_key, src.get(f"{name}Burst", 0), MAX_BURST)
+        keys = folded(src)
+        rate_hit = keys.get(f"{name}rate", (f"{name}Rate", 0))
+        burst_hit = keys.get(f"{name}burst", (f"{name}Burst", 0))
+        rate_key, burst_key = prefix + rate_hit[0], prefix + burst_hit[0]  # named as sent
+        rate = uint_field(rate_key, rate_hit[1], MAX_RATE)
+        burst = uint_field(burst_key, burst_hit[1], MAX_BURST)
         if rate == 0 and burst == 0:
             return None
         if rate == 0:
@@ -264,29 +345,29 @@ def _number_field(key: str, value: Any, low: float, high: float) -> float:
 
 
 def parse_policy(doc: Mapping[str, Any]) -> Policy:
-    mode = doc.get("egressRedirect", "auto")
+    mode = get(doc, "egressRedirect", "auto")
     if mode not in REDIRECT_MODES:
         raise InvalidConfigError(f"egressRedirect={mode!r} must be one of {', '.join(REDIRECT_MODES)}")
     return Policy(
-        latency_ms=_number_field("latencyMs", doc.get("latencyMs", DEFAULT_LATENCY_MS), 1, 10_000),
-        max_burst_ms=_number_field("maxBurstMs", doc.get("maxBurstMs", DEFAULT_MAX_BURST_MS), 0, 60_000),
+        latency_ms=_number_field("latencyMs", get(doc, "latencyMs", DEFAULT_LATENCY_MS), 1, 10_000),
+        max_burst_ms=_number_field("maxBurstMs", get(doc, "maxBurstMs", DEFAULT_MAX_BURST_MS), 0, 60_000),
         egress_redirect=mode,
     )
 
 
 def parse_subnets(doc: Mapping[str, Any]) -> Subnets | None:
     """Top-level keys win over runtimeConfig.bandwidth's, as the rates do."""
-    runtime = doc.get("runtimeConfig")
-    bw = runtime.get("bandwidth") if isinstance(runtime, dict) else None
+    runtime = get(doc, "runtimeConfig")
+    bw = get(runtime, "bandwidth") if isinstance(runtime, dict) else None
     for src, prefix in ((doc, ""), (bw, "runtimeConfig.bandwidth.")):
         if not isinstance(src, dict):
             continue
-        present = [k for k in SUBNET_KEYS if src.get(k) is not None]
+        present = [k for k in SUBNET_KEYS if get(src, k) is not None]
         if len(present) == 2:
             raise InvalidConfigError(f"{prefix}shapedSubnets and {prefix}unshapedSubnets are mutually exclusive")
         if present:
             key = present[0]
-            nets = _networks(prefix + key, src[key])
+            nets = _networks(prefix + key, get(src, key))
             return Subnets(key == "shapedSubnets", nets) if nets else None
     return None
 
@@ -312,14 +393,14 @@ def _networks(key: str, value: Any) -> tuple[IPv4Network | IPv6Network, ...]:
 def parse_valid_attachments(doc: Mapping[str, Any]) -> tuple[Attachment, ...] | None:
     """GC's list; libcni sends both spellings (1.1.0 text says cni.dev/attachments)."""
     for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
-        if key in doc:
-            items = doc[key]
+        if has(doc, key):
+            items = get(doc, key)
             if not isinstance(items, list):
                 raise InvalidConfigError(f"{key} must be a list, got {items!r}")
             out = []
             for i, item in enumerate(items):
-                cid = item.get("containerID") if isinstance(item, dict) else None
-                ifname = item.get("ifname") if isinstance(item, dict) else None
+                cid = get(item, "containerID") if isinstance(item, dict) else None
+                ifname = get(item, "ifname") if isinstance(item, dict) else None
                 if not isinstance(cid, str) or not isinstance(ifname, str):
                     raise InvalidConfigError(f"{key}[{i}] must have string containerID and ifname, got {item!r}")
                 out.append(Attachment(cid, ifname))

@@ -179,6 +179,8 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Li
     )  # fmt: skip
     attach_id = bpf.attach_new(progs.map_fd, entry)
     undo.push(lambda: bpf.release(progs.map_fd, progs.lpm_fd, attach_id))
+    if env.pod.known:
+        bpf.pod_set(progs.pods_fd, attach_id, bpf.PodEntry(env.pod.namespace, env.pod.name, env.pod.uid))
     if conf.subnets:
         bpf.subnets_add(progs.lpm_fd, attach_id, conf.subnets.networks)
     fault("after-map")

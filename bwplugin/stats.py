@@ -43,6 +43,9 @@ class DirectionStats:
 @dataclass
 class AttachmentStats:
     attach_id: int
+    namespace: str  # the Kubernetes pod, from CNI_ARGS ("" when the runtime sent none)
+    pod: str
+    pod_uid: str
     container_id: str
     ifname: str
     host_veth: str
@@ -72,13 +75,15 @@ def _queue(nl: Netlink, index: int) -> QueueStats | None:
 def collect(netns: str | None = None) -> list[AttachmentStats]:
     """Every entry of the pinned map, with its devices looked up in the host netns
     (or in `netns`, where a test lab's "node" lives)."""
-    map_fd, lpm_fd = bpf.open_map(), bpf.open_lpm()
+    map_fd, lpm_fd, pods_fd = bpf.open_map(), bpf.open_lpm(), bpf.open_pods()
     if map_fd is None:
         return []
     out = []
     try:
+        pods = bpf.pod_entries(pods_fd) if pods_fd is not None else {}
         with Netlink.in_netns(netns) if netns else Netlink() as nl:
             for attach_id, e in sorted(bpf.attach_entries(map_fd).items()):
+                pod = pods.get(attach_id, bpf.PodEntry("", "", ""))
                 host = nl.link(index=e.host_index)
                 ifb = nl.link(index=e.ifb_index) if e.ifb_index else None
                 problems = []
@@ -92,6 +97,7 @@ def collect(netns: str | None = None) -> list[AttachmentStats]:
                 out.append(
                     AttachmentStats(
                         attach_id=attach_id,
+                        namespace=pod.namespace, pod=pod.name, pod_uid=pod.uid,
                         container_id=e.container_id,
                         ifname=e.ifname,
                         host_veth=host.name if host else "",
@@ -112,9 +118,9 @@ def collect(netns: str | None = None) -> list[AttachmentStats]:
                     )
                 )  # fmt: skip
     finally:
-        os.close(map_fd)
-        if lpm_fd is not None:
-            os.close(lpm_fd)
+        for fd in (map_fd, lpm_fd, pods_fd):
+            if fd is not None:
+                os.close(fd)
     return out
 
 
@@ -131,14 +137,15 @@ def _rate(bps: int | None) -> str:
 
 
 def table(rows: Iterable[AttachmentStats]) -> str:
-    head = ("CONTAINER", "IF", "HOST VETH", "IFB", "IN RATE", "IN BYTES", "IN DROPS",
+    head = ("NAMESPACE/POD", "CONTAINER", "IF", "HOST VETH", "IFB", "IN RATE", "IN BYTES", "IN DROPS",
             "EG RATE", "EG BYTES", "EG DROPS", "UNSHAPED B (IN/EG)")  # fmt: skip
     lines = [head]
     for r in rows:
         iq, eq = r.ingress.queue, r.egress.queue
         lines.append(
             (
-                r.container_id[:20], r.ifname, r.host_veth or "?", r.ifb or "-",
+                f"{r.namespace}/{r.pod}" if r.pod else "-", r.container_id[:13], r.ifname, r.host_veth or "?",
+                r.ifb or "-",
                 _rate(iq.rate_bps if iq else None), str(r.ingress.shaped_bytes), str(iq.drops if iq else "-"),
                 _rate(eq.rate_bps if eq else None), str(r.egress.shaped_bytes), str(eq.drops if eq else "-"),
                 f"{r.ingress.unshaped_bytes}/{r.egress.unshaped_bytes}",
@@ -162,7 +169,9 @@ def prometheus(rows: list[AttachmentStats]) -> str:
         fam[2].append(f"{name}{{{text}}} {value}")
 
     for r in rows:
-        base = {"container_id": r.container_id, "ifname": r.ifname, "host_veth": r.host_veth}
+        # namespace and pod: the labels Kubernetes dashboards join on
+        base = {"namespace": r.namespace, "pod": r.pod, "container_id": r.container_id, "ifname": r.ifname,
+                "host_veth": r.host_veth}  # fmt: skip
         for direction, d in (("egress", r.egress), ("ingress", r.ingress)):
             for cls, packets, nbytes in (
                 ("shaped", d.shaped_packets, d.shaped_bytes),

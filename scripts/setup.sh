@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent node set-up for bwplugin, sourced by scripts/demo.sh and scripts/test.sh.
-# Installs Debian's bcc, kernel headers, iperf3 and the reference CNI plugins, links
+# Installs Debian's bcc, kernel headers, iperf3, the reference CNI plugins, and what
+# the tests and the demo run for real (containerd, runc, bpftool, gcc for the lab's
+# static pause binary), links
 # headers for the running kernel when it ships none, mounts bpffs, and makes a venv
 # (with system site-packages, to see python3-bpfcc) holding bwplugin in editable mode.
 set -euo pipefail
@@ -10,7 +12,8 @@ VENV="${BWPLUGIN_VENV:-$ROOT/.venv}"
 if [ "$(id -u)" != 0 ]; then echo "bwplugin set-up needs root (netlink, tc, bpf)" >&2; exit 1; fi
 
 need=()
-for pkg in python3-bpfcc linux-headers-amd64 iperf3 containernetworking-plugins python3-venv iputils-ping iproute2 util-linux; do
+for pkg in python3-bpfcc linux-headers-amd64 iperf3 containernetworking-plugins python3-venv iputils-ping iproute2 \
+    util-linux containerd runc bpftool gcc libc6-dev; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -63,11 +63,107 @@ def test_ifname_at_the_limit_is_valid():
 
 def test_cni_args_parsing():
     assert parse_cni_args("") == {}
-    assert parse_cni_args("A=1;;B=") == {"A": "1", "B": ""}
+    assert parse_cni_args("IgnoreUnknown=1;A=1;;B=") == {"IgnoreUnknown": "1", "A": "1", "B": ""}
+
+
+# CNI_ARGS as containerd 1.6 sends them (captured), in one of their varying orders
+CONTAINERD_ARGS = (
+    "K8S_POD_INFRA_CONTAINER_ID=0f1e2d3c4b5a;K8S_POD_UID=7b0c1e2a-5d1f-4c8e-9a3b-2f6d8e1c0a9b;"
+    "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0"
+)
+
+
+def test_pod_identity_from_containerd_cni_args():
+    env = parse_env({**BASE_ENV, "CNI_ARGS": CONTAINERD_ARGS})
+    assert (env.pod.namespace, env.pod.name, env.pod.uid) == ("team-a", "web-0", "7b0c1e2a-5d1f-4c8e-9a3b-2f6d8e1c0a9b")
+    assert env.pod.known
+    assert not parse_env(BASE_ENV).pod.known  # a runtime that is not Kubernetes sends none
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        ("K8S_POD_NAME=p;FOO=1", "unknown key(s) FOO"),
+        ("IgnoreUnknown=0;FOO=1", "unknown key(s) FOO"),
+        ("IgnoreUnknown=maybe", "IgnoreUnknown='maybe' is not a boolean"),
+        ("K8S_POD_NAME=a=b", "CNI_ARGS entry 'K8S_POD_NAME=a=b'"),
+        ("=x", "CNI_ARGS entry '=x'"),
+    ],
+)
+def test_cni_args_errors_on_add_name_the_entry(args, needle):
+    with pytest.raises(InvalidEnvError) as err:
+        parse_env({**BASE_ENV, "CNI_ARGS": args})
+    assert err.value.code == 4 and needle in err.value.msg
+
+
+def test_cni_args_ignore_unknown_accepts_any_key_and_go_booleans():
+    for flag in ("1", "true", "True", "TRUE"):
+        assert parse_env({**BASE_ENV, "CNI_ARGS": f"IgnoreUnknown={flag};FOO=1"}).args["FOO"] == "1"
+
+
+def test_del_never_fails_over_cni_args():
+    env = parse_env({**BASE_ENV, "CNI_COMMAND": "DEL", "CNI_ARGS": "garbage;FOO=1;K8S_POD_NAME=p;x=y=z;IgnoreUnknown=?"})
+    assert env.args == {"FOO": "1", "K8S_POD_NAME": "p", "IgnoreUnknown": "?"}
+    assert env.pod.name == "p"
 
 
 def conf(**extra):
     return {"cniVersion": "1.0.0", "name": "net", "type": "bwplugin", **extra}
+
+
+# runtimeConfig.bandwidth as the runtimes send it for kubernetes.io/ingress-bandwidth: 10M
+# and egress-bandwidth: 20M. containerd (go-cni's struct has no JSON tags): Go field names
+# and 2^32-1 bit bursts. CRI-O: lower-case keys and bursts of 34359738359 bits.
+CONTAINERD_BW = {"IngressRate": 10000000, "IngressBurst": 4294967295, "EgressRate": 20000000, "EgressBurst": 4294967295}
+CRIO_BW = {"ingressRate": 10000000, "ingressBurst": 34359738359, "egressRate": 20000000, "egressBurst": 34359738359}
+
+
+@pytest.mark.parametrize("payload, burst", [(CONTAINERD_BW, 4294967295), (CRIO_BW, 34359738359)])
+def test_runtime_payloads_are_read_as_sent(payload, burst):
+    bw = parse_bandwidth(conf(runtimeConfig={"bandwidth": payload}))
+    assert bw.source == "runtimeConfig"
+    assert bw.ingress == Direction(10_000_000, burst)
+    assert bw.egress == Direction(20_000_000, burst)
+
+
+def test_containerd_one_annotation_sends_zeros_for_the_other_direction():
+    payload = {"IngressRate": 10000000, "IngressBurst": 4294967295, "EgressRate": 0, "EgressBurst": 0}
+    bw = parse_bandwidth(conf(runtimeConfig={"bandwidth": payload}))
+    assert bw.ingress == Direction(10_000_000, 4294967295) and bw.egress is None
+
+
+def test_keys_match_case_insensitively_everywhere_like_go():
+    doc = {
+        "CNIVersion": "1.0.0", "NAME": "net", "PrevResult": {"cniVersion": "1.0.0"},
+        "LatencyMs": 7, "MAXBURSTMS": 3, "EgressRedirect": "mirred",
+        "RuntimeConfig": {"Bandwidth": {"egressrate": 10**6, "EGRESSBURST": 10**5, "UnshapedSubnets": ["10.0.0.0/8"]}},
+    }  # fmt: skip
+    nc = parse_netconf(doc)
+    assert (nc.cni_version, nc.name, nc.prev_result) == ("1.0.0", "net", {"cniVersion": "1.0.0"})
+    assert (nc.policy.latency_ms, nc.policy.max_burst_ms, nc.policy.egress_redirect) == (7, 3, "mirred")
+    assert nc.bandwidth.egress == Direction(10**6, 10**5)
+    assert nc.subnets is not None and not nc.subnets.listed_shaped
+    # a static key in any case still wins over runtimeConfig, as in the reference
+    static = parse_bandwidth(conf(IngressRate=2000, ingressburst=3000, runtimeConfig={"bandwidth": CONTAINERD_BW}))
+    assert static.source == "static" and static.ingress == Direction(2000, 3000) and static.egress is None
+
+
+def test_the_last_spelling_of_a_key_wins_as_in_go():
+    bw = parse_bandwidth(conf(runtimeConfig={"bandwidth": {"IngressRate": 1000, "ingressRate": 5000, "IngressBurst": 9}}))
+    assert bw.ingress == Direction(5000, 9)
+
+
+def test_errors_name_the_key_as_the_runtime_spelled_it():
+    with pytest.raises(InvalidConfigError) as err:
+        parse_bandwidth(conf(runtimeConfig={"bandwidth": {"IngressRate": "10M", "IngressBurst": 1}}))
+    assert err.value.code == 7 and "runtimeConfig.bandwidth.IngressRate must be" in err.value.msg
+
+
+@pytest.mark.parametrize("key", ["IngresRate", "ingress-rate", "peakRate", "bandwidth"])
+def test_an_unreadable_runtime_bandwidth_key_is_an_error_not_ignored(key):
+    with pytest.raises(InvalidConfigError) as err:
+        parse_bandwidth(conf(runtimeConfig={"bandwidth": {**CONTAINERD_BW, key: 5}}))
+    assert err.value.code == 7 and f"runtimeConfig.bandwidth.{key}=5 is not a key bwplugin knows" in err.value.msg
 
 
 def test_runtime_config_bandwidth():

@@ -45,7 +45,7 @@ def test_lpm_keys_put_the_id_and_family_before_the_prefix():
 def _row(cid: str = 'c"1') -> AttachmentStats:
     q = QueueStats(rate_bps=10_000_000, sent_bytes=1000, sent_packets=10, drops=3, overlimits=4, backlog_bytes=0)
     return AttachmentStats(
-        attach_id=5, container_id=cid, ifname="eth0", host_veth="veth1", ifb="bwplabc",
+        attach_id=5, namespace="ns-a", pod="pod-1", pod_uid="u-1", container_id=cid, ifname="eth0", host_veth="veth1", ifb="bwplabc",
         subnets=[], subnets_mode="",
         egress=DirectionStats(13, 1300, 0, 0, q), ingress=DirectionStats(1, 60, 2, 80, None),
     )  # fmt: skip
@@ -61,7 +61,8 @@ def test_prometheus_exposition_is_well_formed():
     assert text.count("# TYPE bwplugin_offered_bytes_total counter") == 1
     assert 'container_id="c\\"1"' in text  # label values are escaped
     assert (
-        'bwplugin_qdisc_drops_total{container_id="other",ifname="eth0",host_veth="veth1",direction="egress"} 3' in lines
+        'bwplugin_qdisc_drops_total{namespace="ns-a",pod="pod-1",container_id="other",ifname="eth0",'
+        'host_veth="veth1",direction="egress"} 3' in lines
     )
     assert "bwplugin_attachments 2" in lines
     assert not any('direction="ingress"' in line and line.startswith("bwplugin_qdisc") for line in lines)
@@ -69,5 +70,6 @@ def test_prometheus_exposition_is_well_formed():
 
 def test_table_has_one_row_per_attachment():
     out = table([_row(), _row("x")]).splitlines()
-    assert len(out) == 3 and out[0].startswith("CONTAINER")
+    assert len(out) == 3 and out[0].startswith("NAMESPACE/POD")
+    assert out[1].startswith("ns-a/pod-1 ")
     assert "10M" in out[1] and "2/0" not in out[1] and "80/0" in out[1]

@@ -1,0 +1,106 @@
+"""The executable a runtime runs: CNI_* env and config on stdin in, result or
+spec error JSON on stdout out. No logic of its own beyond dispatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from . import plugin, settings
+from .config import (
+    LATEST_VERSION,
+    SUPPORTED_VERSIONS,
+    Bandwidth,
+    NetConf,
+    Policy,
+    decode,
+    get,
+    parse_env,
+    parse_netconf,
+    parse_version,
+)
+from .errors import CNIError, InvalidConfigError, KernelError
+from .protocol import version_output
+
+
+def _error_version(doc: Mapping[str, Any] | None) -> str:
+    version = get(doc, "cniVersion") if doc else None
+    return version if isinstance(version, str) and version in SUPPORTED_VERSIONS else LATEST_VERSION
+
+
+def _lenient_conf(doc: Mapping[str, Any]) -> NetConf:
+    """DEL must not fail on a config it can no longer parse (bad rates, policy):
+    it needs only the version and the network name to find what to remove."""
+    version = parse_version(doc)
+    name = get(doc, "name")
+    if not isinstance(name, str) or not name:
+        raise InvalidConfigError(f"name must be a non-empty string, got {name!r}")
+    prev = get(doc, "prevResult")
+    return NetConf(version, name, Bandwidth(), Policy(), prev if isinstance(prev, dict) else None, raw=doc)
+
+
+def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
+    """Returns (exit code, JSON to print or None). BWPLUGIN_TRACE=1 logs the time taken."""
+    start = time.perf_counter()
+    code, out = _run(environ, stdin)
+    if settings.get("BWPLUGIN_TRACE") == "1":
+        settings.log(
+            f"{environ.get('CNI_COMMAND')} {environ.get('CNI_CONTAINERID', '')}/{environ.get('CNI_IFNAME', '')}: "
+            f"exit {code} in {(time.perf_counter() - start) * 1000:.1f} ms"
+        )
+    return code, out
+
+
+def _run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] | None]:
+    doc: dict[str, Any] | None = None
+    try:
+        env = parse_env(environ)
+        if env.command == "VERSION":
+            requested = get(decode(stdin), "cniVersion") if stdin.strip() else None
+            return 0, version_output(requested if isinstance(requested, str) else None)
+        doc = decode(stdin)
+        if env.command == "DEL":
+            try:
+                conf = parse_netconf(doc)
+            except InvalidConfigError:
+                conf = _lenient_conf(doc)
+            plugin.cmd_del(env, conf)
+            return 0, None
+        conf = parse_netconf(doc)
+        if env.command == "ADD":
+            return 0, plugin.cmd_add(env, conf)
+        if env.command == "CHECK":
+            plugin.cmd_check(env, conf)
+        elif env.command == "GC":
+            plugin.cmd_gc(conf)
+        elif env.command == "STATUS":
+            plugin.cmd_status()
+        return 0, None
+    except CNIError as exc:
+        return 1, exc.to_json(_error_version(doc))
+    except OSError as exc:  # netlink or bpf syscall failure not mapped above
+        return 1, KernelError(str(exc)).to_json(_error_version(doc))
+    except Exception as exc:  # a bug: still answer in the spec's format
+        err = CNIError(f"internal error: {exc.__class__.__name__}: {exc}", traceback.format_exc(limit=5))
+        return 1, err.to_json(_error_version(doc))
+
+
+def main(stdin: bytes | None = None) -> int:
+    if stdin is None and len(sys.argv) > 1:
+        from .tools import main as tool
+
+        return tool(sys.argv[1:])
+    code, out = run(os.environ, sys.stdin.buffer.read() if stdin is None else stdin)
+    if out is not None:
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

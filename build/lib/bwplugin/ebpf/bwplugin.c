@@ -1,0 +1,152 @@
+// bwplugin's tc programs. cls_bpf runs them on the clsact hooks of a pod's
+// host-side veth; one compiled copy serves every pod on the node.
+//
+//   bwp_from_pod         clsact ingress (packets the pod sends), direct action:
+//                        count, classify, bpf_redirect() to the pod's ifb, whose
+//                        root qdisc shapes them. Honoured by ifb from Linux 6.4.
+//   bwp_from_pod_mirred  the same, for older kernels: a plain classifier whose
+//                        match runs the filter's act_mirred redirect instead.
+//   bwp_to_pod           clsact egress (packets sent to the pod), direct action:
+//                        count and classify; the veth's root qdisc shapes them.
+//
+// Each attachment's filters carry its node-unique attachment id (1..65535) as
+// their classid; cls_bpf places it in skb->tc_classid (16 bits) before running
+// us, and the pinned attach map turns it into that attachment's state.
+// (Keying by ifindex would collide across network namespaces, and
+// bpf_get_netns_cookie() cannot name the device's netns for socket-less skbs.)
+//
+// With shapedSubnets/unshapedSubnets, the peer address (destination from the
+// pod, source to the pod) is looked up in a per-attachment LPM trie, and the
+// HTB class is chosen through skb->priority = b0d0:1 (shaped) or b0d0:2
+// (unshaped), which HTB honours before any filter.
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#define ETH_HLEN 14
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define BWP_HTONS(x) ((__u16)__builtin_bswap16(x))
+#else
+#define BWP_HTONS(x) ((__u16)(x))
+#endif
+
+// bwp_val.flags, written by the loader (bwplugin/bpf.py)
+#define F_EGRESS_SHAPED   1  // the pod's traffic out has a rate
+#define F_INGRESS_SHAPED  2  // traffic to the pod has a rate
+#define F_SUBNETS         4  // classify by peer address (HTB with two classes)
+#define F_LISTED_UNSHAPED 8  // listed prefixes are unshaped (unshapedSubnets), else shaped
+
+#define HTB_SHAPED   0xB0D00001
+#define HTB_UNSHAPED 0xB0D00002
+
+struct bwp_count {
+    __u64 packets;  // offered: counted before the qdisc queues or drops
+    __u64 bytes;
+};
+
+struct bwp_val {
+    __u32 ifb_ifindex;   // 0: pod egress is not redirected
+    __u32 host_ifindex;  // the veth the filters sit on
+    __u32 flags;
+    __u32 reserved;
+    __u64 owner;         // hash of (network, container ID, ifname): DEL/GC find entries by it
+    __u64 network;       // hash of the network name: GC only touches its own network
+    struct bwp_count from_pod_shaped, from_pod_unshaped, to_pod_shaped, to_pod_unshaped;
+    char ifname[16];     // for tooling (bwplugin stats); never read here
+    char container_id[128];
+};
+
+struct bwp_lpm_key {
+    __u32 prefixlen;  // 32 (id, family, pad) + the CIDR's prefix length
+    __u16 id;
+    __u8 family;      // 4 or 6
+    __u8 pad;
+    __u8 addr[16];
+};
+
+// Whose attachment this is: the Kubernetes pod from CNI_ARGS, for bwplugin
+// stats and metrics. Written and read by the loader only; never on the data path.
+struct bwp_pod {
+    char ns[64];     // K8S_POD_NAMESPACE (at most 63 characters)
+    char name[256];  // K8S_POD_NAME (at most 253)
+    char uid[64];    // K8S_POD_UID
+};
+
+// BWP_*_PIN and BWP_MAX_* come from the loader, which versions the pin paths by
+// this layout so that upgrades keep their counters.
+BPF_TABLE_PINNED("hash", __u32, struct bwp_val, bwp_attach, BWP_MAX_ATTACH, BWP_MAP_PIN, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct bwp_pod, bwp_pods, BWP_MAX_ATTACH, BWP_POD_PIN, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct bwp_lpm_key, __u8, bwp_subnets, BWP_MAX_SUBNETS, BWP_LPM_PIN,
+                 BPF_F_NO_PREALLOC);
+
+// Is the peer address in this attachment's list?
+static __always_inline int bwp_listed(struct __sk_buff *skb, __u32 id, int peer_is_dst)
+{
+    struct bwp_lpm_key key = {};
+    key.id = id;
+    if (skb->protocol == BWP_HTONS(0x0800)) {
+        key.family = 4;
+        key.prefixlen = 32 + 32;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + (peer_is_dst ? 16 : 12), key.addr, 4) < 0)
+            return 0;
+    } else if (skb->protocol == BWP_HTONS(0x86DD)) {
+        key.family = 6;
+        key.prefixlen = 32 + 128;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + (peer_is_dst ? 24 : 8), key.addr, 16) < 0)
+            return 0;
+    } else {
+        return 0;  // ARP and friends take the default class
+    }
+    return bwp_subnets.lookup(&key) != 0;
+}
+
+// Counts the packet and, when this direction is split by subnets, picks its HTB
+// class. Returns 1 if the packet is shaped.
+static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *val, __u32 id, int from_pod)
+{
+    __u32 flags = val->flags;
+    int shaped = (flags & (from_pod ? F_EGRESS_SHAPED : F_INGRESS_SHAPED)) != 0;
+    if (shaped && (flags & F_SUBNETS)) {
+        int listed = bwp_listed(skb, id, from_pod);
+        shaped = (flags & F_LISTED_UNSHAPED) ? !listed : listed;
+        skb->priority = shaped ? HTB_SHAPED : HTB_UNSHAPED;
+    }
+    struct bwp_count *c;
+    if (from_pod)
+        c = shaped ? &val->from_pod_shaped : &val->from_pod_unshaped;
+    else
+        c = shaped ? &val->to_pod_shaped : &val->to_pod_unshaped;
+    __sync_fetch_and_add(&c->packets, 1);
+    __sync_fetch_and_add(&c->bytes, skb->len);
+    return shaped;
+}
+
+int bwp_from_pod(struct __sk_buff *skb)
+{
+    __u32 id = skb->tc_classid & 0xffff;
+    struct bwp_val *val = bwp_attach.lookup(&id);
+    if (!val)
+        return TC_ACT_OK;  // no entry (torn down mid-flight): pass, never black-hole a pod
+    bwp_account(skb, val, id, 1);
+    if (!val->ifb_ifindex)
+        return TC_ACT_OK;
+    return bpf_redirect(val->ifb_ifindex, 0);
+}
+
+int bwp_from_pod_mirred(struct __sk_buff *skb)
+{
+    __u32 id = skb->tc_classid & 0xffff;
+    struct bwp_val *val = bwp_attach.lookup(&id);
+    if (!val)
+        return 0;  // classifier "no match": the mirred action does not run
+    bwp_account(skb, val, id, 1);
+    return val->ifb_ifindex ? -1 : 0;  // -1: match, run the filter's actions
+}
+
+int bwp_to_pod(struct __sk_buff *skb)
+{
+    __u32 id = skb->tc_classid & 0xffff;
+    struct bwp_val *val = bwp_attach.lookup(&id);
+    if (val)
+        bwp_account(skb, val, id, 0);
+    return TC_ACT_OK;
+}

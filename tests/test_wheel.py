@@ -1,0 +1,90 @@
+"""A regular wheel works: built from this checkout, installed (not editable) into a
+fresh venv, its bwplugin-install puts an executable into a private containerd's
+CNI bin dir, and that executable shapes a pod (ADD), passes CHECK and cleans up
+(DEL), compiling the eBPF C source that ships inside the wheel."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.lab.containerd import Containerd
+
+pytestmark = pytest.mark.kernel
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    tmp = tmp_path_factory.mktemp("bwpt-wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp.glob("bwplugin-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "bwplugin/ebpf/bwplugin.c" in names  # the C source is package data
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    venv = tmp / "venv"
+    # as on a node: Debian's python3 with its bcc (python3-bpfcc) visible
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, capture_output=True)
+    yield venv
+
+
+def test_a_wheel_installed_plugin_adds_checks_and_deletes_under_containerd(wheel_venv: Path) -> None:
+    def wheel_install(bin_dir: Path) -> None:
+        subprocess.run([str(wheel_venv / "bin" / "bwplugin-install"), "--dir", str(bin_dir)], check=True)
+
+    with Containerd(installer=wheel_install) as c:
+        launcher = (c.dir / "bin" / "bwplugin").read_text()
+        assert str(wheel_venv) in launcher and str(ROOT) not in launcher  # runs the wheel, not the checkout
+
+        pod = c.run_pod("pod-wheel", {"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "20M"})
+        veth = c.host_veth(pod)
+        assert [q["kind"] for q in json.loads(c.in_node("tc", "-j", "qdisc", "show", "dev", veth).stdout)] == [
+            "tbf",
+            "clsact",
+        ]
+        assert c.ifb_of(veth)
+
+        # CHECK as libcni runs it for the last plugin of the chain: its own config with
+        # the list's name and version, the runtimeConfig and the cached final result.
+        # (containerd 1.6's CRI never calls CHECK; the inputs are what it cached.)
+        cache = c.cached_result(pod)
+        conflist = json.loads(base64.b64decode(cache["config"]))
+        conf = {
+            **conflist["plugins"][1],
+            "name": conflist["name"],
+            "cniVersion": conflist["cniVersion"],
+            "runtimeConfig": {"bandwidth": cache["capabilityArgs"]["bandwidth"]},
+            "prevResult": cache["result"],
+        }
+        env = {
+            **c.env(),
+            "CNI_COMMAND": "CHECK",
+            "CNI_CONTAINERID": pod.id,
+            "CNI_NETNS": pod.netns,
+            "CNI_IFNAME": "eth0",
+            "CNI_ARGS": ";".join(f"{k}={v}" for k, v in cache.get("cniArgs") or []),
+            "CNI_PATH": str(c.dir / "bin"),
+        }
+        check = subprocess.run(
+            ["nsenter", f"--net={c.node}", str(c.dir / "bin" / "bwplugin")],
+            input=json.dumps(conf), capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert check.returncode == 0 and check.stdout == "", (check.stdout, check.stderr)
+
+        c.remove_pod(pod)
+        links = {link["ifname"] for link in json.loads(c.in_node("ip", "-j", "link", "show").stdout)}
+        assert links == {"lo"}
+        pins = sorted(os.listdir(str(c.pins)))
+        assert any(p.startswith("bwp_from_pod_") for p in pins), pins  # compiled from the wheel's source
