@@ -433,8 +433,8 @@ def open_pinned() -> Programs | None:
         for fd in fds.values():
             os.close(fd)
         return None
-    maps = [fds.pop(name) for name in ("map", "lpm", "pods")]
-    return Programs(fds, *maps, ver)
+    map_fd, lpm_fd, pods_fd = fds.pop("map"), fds.pop("lpm"), fds.pop("pods")  # fds: programs only
+    return Programs(fds, map_fd, lpm_fd, pods_fd, ver)
 
 
 def open_map() -> int | None:

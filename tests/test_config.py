@@ -102,7 +102,9 @@ def test_cni_args_ignore_unknown_accepts_any_key_and_go_booleans():
 
 
 def test_del_never_fails_over_cni_args():
-    env = parse_env({**BASE_ENV, "CNI_COMMAND": "DEL", "CNI_ARGS": "garbage;FOO=1;K8S_POD_NAME=p;x=y=z;IgnoreUnknown=?"})
+    env = parse_env(
+        {**BASE_ENV, "CNI_COMMAND": "DEL", "CNI_ARGS": "garbage;FOO=1;K8S_POD_NAME=p;x=y=z;IgnoreUnknown=?"}
+    )
     assert env.args == {"FOO": "1", "K8S_POD_NAME": "p", "IgnoreUnknown": "?"}
     assert env.pod.name == "p"
 
@@ -149,7 +151,9 @@ def test_keys_match_case_insensitively_everywhere_like_go():
 
 
 def test_the_last_spelling_of_a_key_wins_as_in_go():
-    bw = parse_bandwidth(conf(runtimeConfig={"bandwidth": {"IngressRate": 1000, "ingressRate": 5000, "IngressBurst": 9}}))
+    bw = parse_bandwidth(
+        conf(runtimeConfig={"bandwidth": {"IngressRate": 1000, "ingressRate": 5000, "IngressBurst": 9}})
+    )
     assert bw.ingress == Direction(5000, 9)
 
 

@@ -56,19 +56,22 @@ def test_stats_table_json_and_prometheus(lab: Lab, tmp_path: Path) -> None:
     assert eg["unshaped_bytes"] == 0 and ing["shaped_bytes"] > 0  # acks and iperf's control flow
 
     table = stats(lab).stdout.splitlines()
-    assert table[0].split()[:2] == ["CONTAINER", "IF"]
-    assert any(line.startswith(att.container_id[:20]) and veth in line and ifb in line for line in table[1:])
+    assert table[0].split()[:3] == ["NAMESPACE/POD", "CONTAINER", "IF"]
+    # the lab's emulated runtime sends no CNI_ARGS: no pod is known ("-")
+    assert any(line.split()[:2] == ["-", att.container_id[:13]] and veth in line and ifb in line for line in table[1:])
 
     prom = tmp_path / "bwplugin.prom"
     stats(lab, "--prometheus", str(prom))
     text = prom.read_text()
     assert "# TYPE bwplugin_offered_bytes_total counter" in text
     want = (
-        f'bwplugin_offered_bytes_total{{container_id="{att.container_id}",ifname="eth0",host_veth="{veth}",'
-        f'direction="egress",class="shaped"}} {eg["shaped_bytes"]}'
+        f'bwplugin_offered_bytes_total{{namespace="",pod="",container_id="{att.container_id}",ifname="eth0",'
+        f'host_veth="{veth}",direction="egress",class="shaped"}} {eg["shaped_bytes"]}'
     )
     assert want in text.splitlines()
-    labels = f'container_id="{att.container_id}",ifname="eth0",host_veth="{veth}",direction="egress"'
+    labels = (
+        f'namespace="",pod="",container_id="{att.container_id}",ifname="eth0",host_veth="{veth}",direction="egress"'
+    )
     assert f"bwplugin_rate_bits_per_second{{{labels}}} {RATE}" in text.splitlines()
     assert [f.name for f in tmp_path.iterdir()] == ["bwplugin.prom"]  # written via a rename
 

@@ -45,7 +45,8 @@ def test_lpm_keys_put_the_id_and_family_before_the_prefix():
 def _row(cid: str = 'c"1') -> AttachmentStats:
     q = QueueStats(rate_bps=10_000_000, sent_bytes=1000, sent_packets=10, drops=3, overlimits=4, backlog_bytes=0)
     return AttachmentStats(
-        attach_id=5, namespace="ns-a", pod="pod-1", pod_uid="u-1", container_id=cid, ifname="eth0", host_veth="veth1", ifb="bwplabc",
+        attach_id=5, namespace="ns-a", pod="pod-1", pod_uid="u-1", container_id=cid, ifname="eth0",
+        host_veth="veth1", ifb="bwplabc",
         subnets=[], subnets_mode="",
         egress=DirectionStats(13, 1300, 0, 0, q), ingress=DirectionStats(1, 60, 2, 80, None),
     )  # fmt: skip

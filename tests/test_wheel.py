@@ -48,12 +48,11 @@ def test_a_wheel_installed_plugin_adds_checks_and_deletes_under_containerd(wheel
         launcher = (c.dir / "bin" / "bwplugin").read_text()
         assert str(wheel_venv) in launcher and str(ROOT) not in launcher  # runs the wheel, not the checkout
 
-        pod = c.run_pod("pod-wheel", {"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "20M"})
+        annotations = {"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "20M"}
+        pod = c.run_pod("pod-wheel", annotations)
         veth = c.host_veth(pod)
-        assert [q["kind"] for q in json.loads(c.in_node("tc", "-j", "qdisc", "show", "dev", veth).stdout)] == [
-            "tbf",
-            "clsact",
-        ]
+        kinds = [q["kind"] for q in json.loads(c.in_node("tc", "-j", "qdisc", "show", "dev", veth).stdout)]
+        assert kinds == ["tbf", "clsact"]
         assert c.ifb_of(veth)
 
         # CHECK as libcni runs it for the last plugin of the chain: its own config with

@@ -146,9 +146,26 @@ def reference_conf() -> dict[str, Any]:
 @dataclass(frozen=True)
 class Traffic:
     goodput: float  # bits/s the receiver got, over the whole flow
-    wire: float  # bits/s the shaping qdisc sent meanwhile (0: no qdisc found)
+    wire: float  # bits/s the shaping qdisc sent from the first byte to the last (0: no qdisc)
+    first_second: float  # bits/s the shaping qdisc sent in the flow's first second
     seconds: float
     device: str  # the device whose root qdisc shaped this direction ("" if none)
+
+
+def _wire(samples: list[tuple[float, int]], span: float | None) -> float:
+    """Bits/s the qdisc sent. span=None: the steady rate, over the whole 100 ms
+    intervals between the first and the last in which bytes moved (the partial
+    ones at either end are left out). span=s: over the first s seconds, from the
+    last sample before any byte moved (so nothing of an initial burst is missed)."""
+    moving = [i for i in range(1, len(samples)) if samples[i][1] > samples[i - 1][1]]
+    if len(moving) < 3:
+        return 0.0
+    if span is None:
+        (t0, b0), (t1, b1) = samples[moving[0]], samples[moving[-2]]
+    else:
+        t0, b0 = samples[moving[0] - 1]
+        t1, b1 = min(samples, key=lambda s: abs(s[0] - (t0 + span)))
+    return (b1 - b0) * 8 / (t1 - t0) if t1 > t0 else 0.0
 
 
 @dataclass
@@ -278,14 +295,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise LabError(f"containerd did not start: {self.log_tail()}")
             if os.path.exists(self.socket):
+                client = CRIClient(self.socket, timeout=5)
                 try:
-                    self.cri = CRIClient(self.socket, timeout=5)
-                    self.cri.version()
-                    self.cri.timeout = 120
-                    break
+                    client.version()
                 except Exception:  # not serving CRI yet
-                    self.cri.close()
-                    self.cri = None
+                    client.close()
+                else:
+                    client.timeout = 120
+                    self.cri = client
+                    break
             time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -399,8 +417,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def iperf(self, sandbox: Sandbox, direction: str, seconds: float = 3, port: int = 5201, udp: int = 0) -> Traffic:
         """One iperf3 flow between the pod and the node, from its first packet (no
         omitted warm-up). egress: the pod sends; ingress: the node sends to the pod.
-        Also returns the bytes the shaping qdisc sent meanwhile (read with tc)."""
+        Meanwhile the shaping qdisc's sent bytes are sampled with tc every 100 ms."""
         gateway = self.gateway(sandbox)
+        veth = self.host_veth(sandbox)
+        dev = veth if direction == "ingress" else self.ifb_of(veth)
         server = subprocess.Popen(
             ["nsenter", f"--net={self.node}", "iperf3", "-s", "-1", "-B", gateway, "-p", str(port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -411,25 +431,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 if time.monotonic() > deadline:
                     raise LabError("iperf3 server did not listen")
                 time.sleep(0.05)
-            veth = self.host_veth(sandbox)
-            dev = veth if direction == "ingress" else self.ifb_of(veth)
-            before = self.qdisc_bytes(dev) if dev else 0
             argv = ["iperf3", "-c", gateway, "-p", str(port), "-t", str(seconds), "-O", "0", "-J"]
             argv += ["-R"] if direction == "ingress" else []
             argv += ["-u", "-b", str(udp), "-l", "1400"] if udp else []
-            out = json.loads(self.in_pod(sandbox, *argv, timeout=seconds + 60).stdout)
-            after = self.qdisc_bytes(dev) if dev else 0
+            samples = [(time.monotonic(), self.qdisc_bytes(dev) if dev else 0)]
+            client = subprocess.Popen(
+                ["nsenter", f"--net={sandbox.netns}", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            while client.poll() is None:
+                time.sleep(0.1)
+                samples.append((time.monotonic(), self.qdisc_bytes(dev) if dev else 0))
+            out, err = client.communicate()
+            if client.returncode != 0:
+                raise LabError(f"iperf3 failed: {out.decode()[-500:]} {err.decode()[-500:]}")
         finally:
             server.kill()
             server.wait()
-        end = out["end"]
-        if udp:
-            goodput = float(end["sum"]["bits_per_second"]) * (1 - float(end["sum"].get("lost_percent", 0)) / 100)
-            duration = float(end["sum"]["seconds"])
-        else:
-            goodput = float(end["sum_received"]["bits_per_second"])
-            duration = float(end["sum_received"]["seconds"])
-        return Traffic(goodput, (after - before) * 8 / duration if dev else 0.0, duration, dev)
+        end = json.loads(out)["end"]
+        summary = end["sum"] if udp else end["sum_received"]
+        goodput = float(summary["bits_per_second"]) * (1 - float(summary.get("lost_percent", 0)) / 100)
+        return Traffic(goodput, _wire(samples, None), _wire(samples, 1.0), float(summary["seconds"]), dev)
 
     def ifb_of(self, veth: str) -> str:
         """The ifb the pod's egress is steered to ("" if none), read with iproute2:

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-protos, services = grpc.protos_and_services("bench/lab/cri_api.proto")  # type: ignore[attr-defined]
+protos, services = grpc.protos_and_services("bench/lab/cri_api.proto")
 
 BANDWIDTH_ANNOTATIONS = ("kubernetes.io/ingress-bandwidth", "kubernetes.io/egress-bandwidth")
 
