@@ -17,7 +17,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from .lab.containerd import TCP_GOODPUT_CEILING, Containerd, Traffic, bwplugin_conf, reference_conf
+from .lab.containerd import Containerd, Traffic, bwplugin_conf, reference_conf
+from .lab.measure import TCP_GOODPUT_CEILING
 
 M = 1_000_000
 PODS = {  # name: (namespace, annotations)

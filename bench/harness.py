@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from bwplugin.lab import Lab, Pod
-from bwplugin.lab import runtime_bandwidth as bandwidth
+from bench.lab.lab import Lab, Pod
+from bench.lab.lab import runtime_bandwidth as bandwidth
 
 PLUGINS = {
     "bwplugin": {"type": "bwplugin", "capabilities": {"bandwidth": True}},

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bwplugin.lab import CONTAINERD_BURST, Lab
+from bench.lab.lab import CONTAINERD_BURST, Lab
 
 from . import report, scenarios
 from .harness import CRIO_BURST, Bench, progress

@@ -8,8 +8,8 @@ import subprocess
 import time
 from typing import Any
 
-from bwplugin.lab import CONTAINERD_BURST, remove_pin_dir
-from bwplugin.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler, iperf_goodput
+from bench.lab.lab import CONTAINERD_BURST, remove_pin_dir
+from bench.lab.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler, iperf_goodput
 
 from .harness import LOAD_PORT, MEASURE_PORT, PLUGINS, SUBNETS, Bench, order, progress
 

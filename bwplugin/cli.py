@@ -1,5 +1,6 @@
-"""The executable a runtime runs: CNI_* env and config on stdin in, result or
-spec error JSON on stdout out. No logic of its own beyond dispatch."""
+"""The in-process door: CNI_* env and config on stdin in, result or spec error
+JSON on stdout out (dispatched to one module per command), and the subcommands
+for people (`bwplugin stats`). No logic of its own beyond dispatch."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import plugin, settings
-from .config import (
+from .cni import settings
+from .cni.config import (
     LATEST_VERSION,
     SUPPORTED_VERSIONS,
     Bandwidth,
@@ -24,8 +25,9 @@ from .config import (
     parse_netconf,
     parse_version,
 )
-from .errors import CNIError, InvalidConfigError, KernelError
-from .protocol import version_output
+from .cni.errors import CNIError, InvalidConfigError, KernelError
+from .cni.protocol import version_output
+from .commands import add, check, delete, gc, status
 
 
 def _error_version(doc: Mapping[str, Any] | None) -> str:
@@ -69,17 +71,17 @@ def _run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] 
                 conf = parse_netconf(doc)
             except InvalidConfigError:
                 conf = _lenient_conf(doc)
-            plugin.cmd_del(env, conf)
+            delete.cmd_del(env, conf)
             return 0, None
         conf = parse_netconf(doc)
         if env.command == "ADD":
-            return 0, plugin.cmd_add(env, conf)
+            return 0, add.cmd_add(env, conf)
         if env.command == "CHECK":
-            plugin.cmd_check(env, conf)
+            check.cmd_check(env, conf)
         elif env.command == "GC":
-            plugin.cmd_gc(conf)
+            gc.cmd_gc(conf)
         elif env.command == "STATUS":
-            plugin.cmd_status()
+            status.cmd_status()
         return 0, None
     except CNIError as exc:
         return 1, exc.to_json(_error_version(doc))
@@ -90,10 +92,23 @@ def _run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] 
         return 1, err.to_json(_error_version(doc))
 
 
+def tool(argv: list[str]) -> int:
+    """Subcommands for people (a runtime runs the plugin with no arguments)."""
+    if argv[0] == "stats":
+        from .commands.stats import main as stats
+
+        return stats(argv[1:])
+    if argv[0] in ("-h", "--help", "help"):
+        print(
+            "usage: bwplugin stats [--json] [--prometheus FILE]\n(with no arguments: a CNI plugin, as runtimes run it)"
+        )
+        return 0
+    print(f"bwplugin: unknown subcommand {argv[0]!r}; try `bwplugin stats --help`", file=sys.stderr)
+    return 2
+
+
 def main(stdin: bytes | None = None) -> int:
     if stdin is None and len(sys.argv) > 1:
-        from .tools import main as tool
-
         return tool(sys.argv[1:])
     code, out = run(os.environ, sys.stdin.buffer.read() if stdin is None else stdin)
     if out is not None:

@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 
-from bwplugin.lab import Lab, remove_pin_dir
-from bwplugin.lab import runtime_bandwidth as bandwidth  # noqa: F401 (re-exported to tests)
+from bench.lab import lab as lab_module
+from bench.lab.lab import Lab, remove_pin_dir
+from bench.lab.lab import runtime_bandwidth as bandwidth  # noqa: F401 (re-exported to tests)
 
 REQUIRE = os.environ.get("BWPLUGIN_REQUIRE_KERNEL") == "1"
+# every plugin process and agent the lab starts gets the tests' fault hooks
+lab_module.PRELUDE = "import tests.faults; tests.faults.install()"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

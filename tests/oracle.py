@@ -9,6 +9,8 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from bwplugin.datapath import bpf
+
 
 @dataclass
 class KernelView:
@@ -97,7 +99,7 @@ def settled_ifbs(netns: str, timeout: float = 5.0) -> list[str]:
 
 
 def _has_redirect(kv: KernelView, ifb: str) -> bool:
-    from bwplugin.naming import parse_alias
+    from bwplugin.datapath.naming import parse_alias
 
     label = parse_alias(kv.links[ifb]["alias"])
     return any(f["classid"] == label.attach_id for fs in kv.filters.values() for f in fs) if label else False
@@ -105,8 +107,6 @@ def _has_redirect(kv: KernelView, ifb: str) -> bool:
 
 def attach_count() -> int:
     """Entries in the pinned attach map (0 when it does not exist)."""
-    from bwplugin import bpf
-
     fd = bpf.open_map()
     if fd is None:
         return 0
@@ -130,3 +130,8 @@ def filter_actions(netns: str, dev: str) -> list[str]:
         for action in f.get("options", {}).get("actions", []):
             kinds.append(action.get("kind"))
     return kinds
+
+
+def lpm_ids(lpm_fd: int) -> set[int]:
+    """Attachment ids that still have prefixes in the LPM trie."""
+    return {bpf.LPM_KEY.unpack(k)[1] for k in bpf.map_keys(lpm_fd, bpf.LPM_KEY.size)}

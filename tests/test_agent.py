@@ -10,15 +10,15 @@ import sys
 
 import pytest
 
-from bwplugin import bpf
-from bwplugin.agent import decode_request, encode_reply
-from bwplugin.client import decode_reply, encode_request
-from bwplugin.lab import Lab
-from bwplugin.libcni import (
+from bench.lab.lab import Lab
+from bench.lab.libcni import (
     PluginFailed,
     plugin_conf,
 )
-from bwplugin.naming import parse_alias
+from bwplugin.datapath import bpf
+from bwplugin.datapath.naming import parse_alias
+from bwplugin.node.agent import decode_request, encode_reply
+from bwplugin.node.client import decode_reply, encode_request
 
 from .conftest import bandwidth, shaper
 from .oracle import settled_ifbs, view
@@ -89,7 +89,7 @@ def test_stale_socket_is_replaced_and_a_live_one_is_not(agent_lab: Lab) -> None:
     lab.start_agent()  # replaces the stale file
     pod.attachment.check()
     second = subprocess.run(
-        ["nsenter", f"--net={lab.node}", sys.executable, "-m", "bwplugin.agent", "--socket", lab.agent_socket],
+        ["nsenter", f"--net={lab.node}", sys.executable, "-m", "bwplugin.node.agent", "--socket", lab.agent_socket],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert second.returncode != 0 and "already serving" in second.stderr

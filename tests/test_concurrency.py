@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from bwplugin import bpf
-from bwplugin.lab import Lab, Pod
-from bwplugin.libcni import plugin_conf
+from bench.lab.lab import Lab, Pod
+from bench.lab.libcni import plugin_conf
+from bwplugin.datapath import bpf
 
 from .conftest import bandwidth, shaper
-from .oracle import attach_count, settled_ifbs, view
+from .oracle import attach_count, lpm_ids, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 PARALLEL = 32
@@ -105,6 +105,6 @@ def test_parallel_add_check_del(lab: Lab, rnd: int) -> None:
     kv = view(lab.node)
     assert not any(kv.has_clsact(n) or kv.root(n)["kind"] != "noqueue" for n in kv.links if kv.root(n))
     assert attach_count() == before
-    assert not set(ids) & bpf.lpm_ids(lpm)
+    assert not set(ids) & lpm_ids(lpm)
     os.close(fd)
     os.close(lpm)

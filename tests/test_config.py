@@ -2,7 +2,7 @@
 
 import pytest
 
-from bwplugin.config import (
+from bwplugin.cni.config import (
     MAX_BURST,
     Direction,
     parse_bandwidth,
@@ -12,7 +12,7 @@ from bwplugin.config import (
     parse_policy,
     parse_valid_attachments,
 )
-from bwplugin.errors import DecodeError, IncompatibleVersionError, InvalidConfigError, InvalidEnvError
+from bwplugin.cni.errors import DecodeError, IncompatibleVersionError, InvalidConfigError, InvalidEnvError
 
 BASE_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/run/netns/x", "CNI_IFNAME": "eth0"}
 
@@ -275,7 +275,7 @@ def test_valid_attachments_both_spellings():
 
 
 def test_decode_errors_are_code_6():
-    from bwplugin.config import decode
+    from bwplugin.cni.config import decode
 
     for bad in (b"", b"{", b"[1]", b"\xff\xfe", b"null"):
         with pytest.raises(DecodeError) as err:
@@ -289,7 +289,7 @@ def test_decode_errors_are_code_6():
 def test_subnets_static_and_runtime():
     from ipaddress import ip_network
 
-    from bwplugin.config import parse_subnets
+    from bwplugin.cni.config import parse_subnets
 
     s = parse_subnets({"unshapedSubnets": ["10.0.0.0/8", "fd00::/8", "10.0.0.0/8"]})
     assert s is not None and not s.listed_shaped and s.key == "unshapedSubnets"
@@ -324,7 +324,7 @@ def test_subnets_static_and_runtime():
     ],
 )
 def test_bad_subnets_are_code_7_naming_field_and_value(doc, needle):
-    from bwplugin.config import parse_subnets
+    from bwplugin.cni.config import parse_subnets
 
     with pytest.raises(InvalidConfigError) as err:
         parse_subnets(doc)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.lab.containerd import TCP_GOODPUT_CEILING, Containerd, Sandbox
+from bench.lab.containerd import Containerd, Sandbox
+from bench.lab.measure import TCP_GOODPUT_CEILING
 
 pytestmark = pytest.mark.kernel
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bwplugin.lab import Lab
-from bwplugin.libcni import PluginFailed
+from bench.lab.lab import Lab
+from bench.lab.libcni import PluginFailed
 
 from .conftest import bandwidth, shaper
 from .oracle import settled_ifbs, view

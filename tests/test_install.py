@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from bwplugin.install import install, systemd_unit_text
+from bwplugin.node.install import install, systemd_unit_text
 
 
 def run(exe: Path, command: str, stdin: dict[str, object], **env: str) -> subprocess.CompletedProcess[str]:
@@ -18,7 +18,7 @@ def run(exe: Path, command: str, stdin: dict[str, object], **env: str) -> subpro
 
 def test_launcher_runs_from_a_package_copy(tmp_path: Path) -> None:
     exe = install(tmp_path / "bin", lib=tmp_path / "lib")
-    assert (tmp_path / "lib" / "bwplugin" / "client.py").exists()
+    assert (tmp_path / "lib" / "bwplugin" / "node" / "client.py").exists()
     assert (tmp_path / "lib" / "bpf" / "bwplugin.c").exists()
     assert f"'{tmp_path / 'lib'}'" in exe.read_text() and exe.read_text().startswith("#!")
     out = run(exe, "VERSION", {"cniVersion": "0.4.0"})
@@ -43,5 +43,5 @@ def test_without_an_agent_socket_the_executable_falls_back(tmp_path: Path) -> No
 
 def test_systemd_unit() -> None:
     unit = systemd_unit_text("/opt/x/python")
-    assert "ExecStart=/opt/x/python -m bwplugin.agent --socket /run/bwplugin/agent.sock" in unit
+    assert "ExecStart=/opt/x/python -m bwplugin.node.agent --socket /run/bwplugin/agent.sock" in unit
     assert "Restart=always" in unit and "WantedBy=multi-user.target" in unit

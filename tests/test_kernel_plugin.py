@@ -9,12 +9,12 @@ import subprocess
 
 import pytest
 
-from bwplugin import bpf
-from bwplugin.lab import Lab, Pod
-from bwplugin.libcni import PluginFailed, plugin_conf
-from bwplugin.measure import TCP_GOODPUT_CEILING, Sampler, iperf_goodput
-from bwplugin.naming import ifb_name, parse_alias
-from bwplugin.tc import TBF_HANDLE
+from bench.lab.lab import Lab, Pod
+from bench.lab.libcni import PluginFailed, plugin_conf
+from bench.lab.measure import TCP_GOODPUT_CEILING, Sampler, iperf_goodput
+from bwplugin.datapath import bpf
+from bwplugin.datapath.naming import ifb_name, parse_alias
+from bwplugin.datapath.tc import TBF_HANDLE
 
 from .conftest import bandwidth, host_veth, shaper
 from .oracle import settled_ifbs, view

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from bwplugin import bpf, probe, tc
-from bwplugin.errors import KernelFeatureError
-from bwplugin.lab import Lab
-from bwplugin.libcni import plugin_conf
-from bwplugin.measure import Sampler
-from bwplugin.netlink import Netlink
-from bwplugin.plugin import status_problems
+from bench.lab.lab import Lab
+from bench.lab.libcni import plugin_conf
+from bench.lab.measure import Sampler
+from bwplugin.cni.errors import KernelFeatureError
+from bwplugin.commands.status import status_problems
+from bwplugin.datapath import bpf, probe, tc
+from bwplugin.datapath.netlink import Netlink
 
 from .conftest import bandwidth, host_veth, shaper
 from .oracle import filter_actions, settled_ifbs, view

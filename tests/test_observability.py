@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bwplugin import bpf
-from bwplugin.lab import Lab
-from bwplugin.libcni import plugin_conf
+from bench.lab.lab import Lab
+from bench.lab.libcni import plugin_conf
+from bwplugin.datapath import bpf
 
 from .conftest import bandwidth, host_veth, shaper
 from .oracle import settled_ifbs, view

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from bwplugin import cli
-from bwplugin.naming import IfbLabel, format_alias, ifb_name, parse_alias
-from bwplugin.netlink import nla_nested, nla_str, nla_u32, nla_u64, parse_attrs
-from bwplugin.protocol import convert_result, host_interface_names, version_output, with_interface
+from bwplugin.cni.protocol import convert_result, host_interface_names, version_output, with_interface
+from bwplugin.datapath.naming import IfbLabel, format_alias, ifb_name, parse_alias
+from bwplugin.datapath.netlink import nla_nested, nla_str, nla_u32, nla_u64, parse_attrs
 
 PREV = {
     "cniVersion": "1.0.0",

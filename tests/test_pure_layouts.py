@@ -7,8 +7,8 @@ import re
 from ipaddress import ip_network
 from pathlib import Path
 
-from bwplugin import bpf
-from bwplugin.stats import AttachmentStats, DirectionStats, QueueStats, prometheus, table
+from bwplugin.commands.stats import AttachmentStats, DirectionStats, QueueStats, prometheus, table
+from bwplugin.datapath import bpf
 
 C_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "bwplugin.c"
 

@@ -9,12 +9,12 @@ import os
 
 import pytest
 
-from bwplugin import bpf
-from bwplugin.lab import Lab
-from bwplugin.libcni import PluginFailed
+from bench.lab.lab import Lab
+from bench.lab.libcni import PluginFailed
+from bwplugin.datapath import bpf
 
 from .conftest import bandwidth, shaper
-from .oracle import attach_count, settled_ifbs, view
+from .oracle import attach_count, lpm_ids, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 CYCLES = int(os.environ.get("BWPLUGIN_SOAK_CYCLES", "500"))
@@ -38,7 +38,7 @@ def test_soak_add_del_cycles_leak_nothing() -> None:
         pins = sorted(os.listdir(os.environ["BWPLUGIN_PIN_DIR"]))
         lpm = bpf.open_lpm()
         assert lpm is not None
-        lpm_before = len(bpf.lpm_ids(lpm))
+        lpm_before = len(lpm_ids(lpm))
         rss: list[int] = []
         fds: list[int] = []  # open files: a leaked program or map fd per ADD would show
         faults = 0
@@ -65,7 +65,7 @@ def test_soak_add_del_cycles_leak_nothing() -> None:
         kv = view(lab.node)
         assert not any(kv.has_clsact(n) or kv.root(n) and kv.root(n)["kind"] != "noqueue" for n in kv.links)
         assert attach_count() == before
-        assert len(bpf.lpm_ids(lpm)) == lpm_before
+        assert len(lpm_ids(lpm)) == lpm_before
         assert sorted(os.listdir(os.environ["BWPLUGIN_PIN_DIR"])) == pins
         # flat memory: after warm-up (first batches) the agent grows by less than 4 MiB
         warm = rss[min(2, len(rss) - 1)]

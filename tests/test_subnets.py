@@ -13,13 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from bwplugin import bpf
-from bwplugin.lab import Lab, Pod
-from bwplugin.libcni import PluginFailed, plugin_conf
-from bwplugin.measure import Sampler, iperf_goodput
+from bench.lab.lab import Lab, Pod
+from bench.lab.libcni import PluginFailed, plugin_conf
+from bench.lab.measure import Sampler, iperf_goodput
+from bwplugin.datapath import bpf
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import view
+from .oracle import lpm_ids, view
 
 pytestmark = pytest.mark.kernel
 SUBNET6 = "fd00:b0d:1::/64"
@@ -129,7 +129,7 @@ def test_check_detects_changed_subnets(lab: Lab) -> None:
     assert err.value.error["code"] == 102 and "subnets expected" in err.value.error["msg"]
     att.delete()
     pod.attachment = None
-    assert attach_id not in bpf.attach_entries(fd) and attach_id not in bpf.lpm_ids(lpm)
+    assert attach_id not in bpf.attach_entries(fd) and attach_id not in lpm_ids(lpm)
 
 
 def test_subnets_from_runtime_config_and_bad_subnets(lab: Lab) -> None:

@@ -34,18 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bwplugin.install import REFERENCE_DIR, install
+from bwplugin.node.install import install
 
 from .cri import CRIClient, Sandbox
+from .lab import NETNS_DIR, PREFIX, REFERENCE_DIR
 
-PREFIX = "bwpt"
-NETNS_DIR = "/run/netns"
 PAUSE_IMAGE = "bwpt.local/pause:1"
 LAB_DIR = Path(__file__).resolve().parent
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 RUN_CONTAINERD = "/run/containerd"
 CNI_CACHE = "/var/lib/cni"  # libcni's result cache; containerd 1.6 has no setting for it
-TCP_GOODPUT_CEILING = 1448 / 1514  # MSS with timestamps over the Ethernet frame
 
 
 class LabError(RuntimeError):
@@ -339,7 +337,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         log = open(self.dir / "agent.log", "ab")  # noqa: SIM115
         python = os.path.realpath(os.environ.get("BWPLUGIN_PYTHON", shutil.which("python3") or "python3"))
         self.agent_proc = subprocess.Popen(
-            ["nsenter", f"--net={self.node}", python, "-m", "bwplugin.agent", "--socket", self.agent_socket],
+            ["nsenter", f"--net={self.node}", python, "-m", "bwplugin.node.agent", "--socket", self.agent_socket],
             stdout=log, stderr=log, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()

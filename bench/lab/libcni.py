@@ -1,0 +1,173 @@
+"""A minimal libcni: runs a conflist's plugins as a runtime does (ADD in order
+with prevResult threaded through, DEL in reverse, CHECK with the cached result,
+runtimeConfig injected only for declared capabilities). Used by the demo, the
+tests and the benchmarks; optionally runs plugins inside a given netns."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bwplugin.cni.protocol import convert_result
+from bwplugin.datapath.netlink import CLONE_NEWNET
+
+
+class PluginFailed(Exception):
+    def __init__(self, plugin: str, command: str, rc: int, error: dict[str, Any] | None, stderr: str) -> None:
+        super().__init__(f"{plugin} {command} failed (exit {rc}): {error or stderr}")
+        self.plugin, self.command, self.rc, self.error, self.stderr = plugin, command, rc, error, stderr
+
+
+@dataclass
+class Invocation:
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float  # wall time, exec to exit
+    cpu_seconds: float = 0.0  # user + system time of the plugin process
+
+    @property
+    def json(self) -> dict[str, Any] | None:
+        return json.loads(self.stdout) if self.stdout.strip() else None
+
+
+def _enter_netns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), f"setns {path}")
+    os.close(fd)
+
+
+@dataclass
+class Runtime:
+    cni_path: list[str]
+    node_netns: str | None = None  # run plugins in this netns (the "host" they see)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def find(self, plugin_type: str) -> str:
+        for d in self.cni_path:
+            candidate = os.path.join(d, plugin_type)
+            if os.access(candidate, os.X_OK):
+                return candidate
+        raise FileNotFoundError(f"plugin {plugin_type!r} not found in {self.cni_path}")
+
+    def exec(
+        self,
+        plugin_type: str,
+        command: str,
+        conf: dict[str, Any] | bytes,
+        *,
+        container_id: str = "",
+        netns: str = "",
+        ifname: str = "",
+        args: str = "",
+        env: dict[str, str] | None = None,
+    ) -> Invocation:
+        environ = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_PATH": ":".join(self.cni_path),
+            **self.extra_env,
+            **(env or {}),
+        }
+        for key, value in (("CNI_CONTAINERID", container_id), ("CNI_NETNS", netns), ("CNI_IFNAME", ifname)):
+            if value:
+                environ[key] = value
+        if args:
+            environ["CNI_ARGS"] = args
+        data = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
+        node = self.node_netns
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [self.find(plugin_type)],
+            input=data,
+            capture_output=True,
+            env=environ,
+            preexec_fn=(lambda: _enter_netns(node)) if node else None,
+            timeout=120,
+        )
+        elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # exact while calls are sequential
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return Invocation(proc.returncode, proc.stdout.decode(), proc.stderr.decode(), elapsed, cpu)
+
+
+def plugin_conf(
+    conflist: dict[str, Any],
+    plugin: dict[str, Any],
+    prev: dict[str, Any] | None,
+    runtime_config: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **plugin}
+    conf.pop("capabilities", None)
+    caps = plugin.get("capabilities", {})
+    rc = {k: v for k, v in (runtime_config or {}).items() if caps.get(k)}
+    if rc:
+        conf["runtimeConfig"] = rc
+    if prev is not None:  # libcni hands each plugin the result in its own version
+        conf["prevResult"] = convert_result(prev, conf["cniVersion"])
+    conf.update(extra or {})
+    return conf
+
+
+@dataclass
+class Attachment:
+    """One (container, ifname) attached through a conflist, as libcni caches it."""
+
+    runtime: Runtime
+    conflist: dict[str, Any]
+    container_id: str
+    netns: str
+    ifname: str = "eth0"
+    runtime_config: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def _run(self, plugin: dict[str, Any], command: str, prev: dict[str, Any] | None) -> Invocation:
+        conf = plugin_conf(self.conflist, plugin, prev, self.runtime_config)
+        inv = self.runtime.exec(
+            plugin["type"], command, conf, container_id=self.container_id, netns=self.netns, ifname=self.ifname
+        )
+        self.timings[f"{plugin['type']}:{command}"] = inv.seconds
+        self.timings[f"{plugin['type']}:{command}:cpu"] = inv.cpu_seconds
+        if inv.rc != 0:
+            raise PluginFailed(plugin["type"], command, inv.rc, _maybe_json(inv.stdout), inv.stderr)
+        return inv
+
+    def add(self) -> dict[str, Any]:
+        prev = None
+        for plugin in self.conflist["plugins"]:
+            prev = self._run(plugin, "ADD", prev).json
+        self.result = prev
+        return prev or {}
+
+    def check(self) -> None:
+        for plugin in self.conflist["plugins"]:
+            self._run(plugin, "CHECK", self.result)
+
+    def delete(self) -> None:
+        """DEL in reverse order; keeps going and raises the first failure at the end."""
+        first: PluginFailed | None = None
+        for plugin in reversed(self.conflist["plugins"]):
+            try:
+                self._run(plugin, "DEL", self.result)
+            except PluginFailed as exc:
+                first = first or exc
+        if first:
+            raise first
+
+
+def _maybe_json(text: str) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None

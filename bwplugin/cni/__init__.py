@@ -1,0 +1,3 @@
+"""The CNI contract: config decoding and validation, results, error codes, per-request settings.
+
+Imports nothing else of bwplugin."""

@@ -1,0 +1,146 @@
+"""ADD: shape the pod, building every object so that no packet is steered until
+the last step, and undoing all of it, newest first, if any step fails."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from ..cni.config import Direction, Env, NetConf, Policy
+from ..cni.errors import ForeignObjectError, InvalidConfigError, KernelFeatureError
+from ..cni.protocol import convert_result, with_interface
+from ..cni.settings import log
+from ..datapath import bpf, probe, tc
+from ..datapath.naming import IfbLabel, format_alias, ifb_name, network_tag
+from ..datapath.netlink import Link, Netlink, NetlinkError
+from ..datapath.shaping import TBFParams, tbf_params
+from .common import HostVeth, Undo, entry_flags, find_host_veth, owner_of
+
+
+def _ensure_no_foreign_qdiscs(nl: Netlink, host: HostVeth) -> None:
+    root = tc.root_qdisc(nl, host.index)
+    if root is not None and root.kind != "noqueue":
+        raise ForeignObjectError(
+            f"host veth {host.name} already has a root qdisc {root.kind} {root.handle >> 16:x}: "
+            "bwplugin does not replace qdiscs it did not create"
+        )
+    ingress = tc.clsact_qdisc(nl, host.index)
+    if ingress is not None:
+        raise ForeignObjectError(
+            f"host veth {host.name} already has a {ingress.kind} qdisc: bwplugin does not share "
+            "or replace ingress qdiscs it did not create"
+        )
+
+
+def _report_policy(what: str, d: Direction, p: TBFParams, policy: Policy) -> None:
+    if p.burst_capped:
+        log(f"{what} burst {p.requested_burst} B capped to {p.burst} B (maxBurstMs={policy.max_burst_ms:g})")
+    if p.burst_raised:
+        log(f"{what} burst {p.requested_burst} B raised to the floor of {p.burst} B")
+
+
+def cmd_add(env: Env, conf: NetConf) -> dict[str, Any]:
+    if conf.prev_result is None:
+        raise InvalidConfigError(
+            "prevResult is required: bwplugin is a chained plugin and must follow a main plugin "
+            "(ptp, bridge, ...) in a conflist"
+        )
+    result = convert_result(conf.prev_result, conf.cni_version)
+    bw = conf.bandwidth
+    if not bw.shaped:
+        return result
+    undo = Undo()
+    with Netlink() as nl:
+        try:
+            host = find_host_veth(nl, env, result)
+            _ensure_no_foreign_qdiscs(nl, host)
+            ifb = _add(nl, env, conf, host, undo)
+        except BaseException:
+            undo.rollback()
+            raise
+    return with_interface(result, ifb.name, ifb.mac) if ifb else result
+
+
+def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Link | None:
+    """Everything that shapes the pod, built so that no packet is steered until the
+    last step (the filters); each step registers its undo."""
+    bw = conf.bandwidth
+    progs = bpf.programs()
+    undo.push(progs.close)  # on failure: after the steps below that still need its fds
+    mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
+    attach_id = _add_entry(progs, env, conf, host, undo)
+    if bw.ingress:
+        _add_root(nl, host.index, "ingress", bw.ingress, conf, host.mtu)
+        undo.push(lambda: tc.delete_qdisc(nl, host.index, tc.TC_H_ROOT, tc.ROOT_HANDLE))
+    ifb = None
+    if bw.egress:
+        ifb = _add_ifb(nl, env, conf, host, attach_id, undo)
+        bpf.attach_set_ifb(progs.map_fd, attach_id, ifb.index)
+        _add_root(nl, ifb.index, "egress", bw.egress, conf, host.mtu)
+    tc.add_clsact(nl, host.index)
+    undo.push(lambda: tc.delete_qdisc(nl, host.index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE))
+    to_pod = "bwp_to_pod"
+    tc.add_bpf_filter(nl, host.index, tc.CLSACT_EGRESS, progs.fd(to_pod), progs.filter_name(to_pod), attach_id)
+    from_pod, mirred_to = "bwp_from_pod", None
+    if ifb is not None and mode == "mirred":
+        from_pod, mirred_to = "bwp_from_pod_mirred", ifb.index
+    tc.add_bpf_filter(
+        nl, host.index, tc.CLSACT_INGRESS, progs.fd(from_pod), progs.filter_name(from_pod), attach_id, mirred_to
+    )
+    progs.close()  # the filters hold the programs now; a long-lived agent must not keep fds
+    return ifb
+
+
+def _add_entry(progs: bpf.Programs, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> int:
+    """The attachment's map entry (its id is allocated by the insert), its subnet
+    prefixes and its pod; returns the id."""
+    entry = bpf.AttachEntry(
+        0, host.index, entry_flags(conf), owner_of(conf, env), bpf.network_hash(conf.name),
+        env.ifname, env.container_id,
+    )  # fmt: skip
+    attach_id = bpf.attach_new(progs.map_fd, entry)
+    undo.push(lambda: bpf.release(progs.map_fd, progs.lpm_fd, attach_id))
+    if conf.subnets:
+        bpf.subnets_add(progs.lpm_fd, attach_id, conf.subnets.networks)
+    if env.pod.known:
+        bpf.pod_set(progs.pods_fd, attach_id, bpf.PodEntry(env.pod.namespace, env.pod.name, env.pod.uid))
+    return attach_id
+
+
+def _add_root(nl: Netlink, index: int, what: str, d: Direction, conf: NetConf, mtu: int) -> None:
+    params = tbf_params(d, conf.policy, mtu)
+    _report_policy(what, d, params, conf.policy)
+    if conf.subnets:
+        tc.add_htb(nl, index, params, default_shaped=not conf.subnets.listed_shaped, mtu=mtu)
+    else:
+        tc.add_tbf(nl, index, params)
+
+
+def _add_ifb(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, attach_id: int, undo: Undo) -> Link:
+    name = ifb_name(conf.name, env.container_id, env.ifname)
+    _remove_stale_ifb(nl, name)
+    try:
+        nl.create_link(name, "ifb", mtu=host.mtu)
+    except NetlinkError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            raise KernelFeatureError(f"the kernel has no ifb device type (module ifb): creating {name} failed") from exc
+        raise
+    ifb = nl.link(name=name)
+    assert ifb is not None
+    undo.push(lambda: nl.delete_link(ifb.index))
+    label = IfbLabel(network_tag(conf.name), attach_id, host.index, env.ifname, env.container_id)
+    nl.set_link(ifb.index, up=True, alias=format_alias(label))
+    return ifb
+
+
+def _remove_stale_ifb(nl: Netlink, name: str) -> None:
+    """Our name exists only if an earlier ADD died before its DEL: replace it."""
+    old = nl.link(name=name)
+    if old is None:
+        return
+    # an ifb with exactly this attachment's hashed name is ours even without its alias
+    # (an ADD killed between creating it and labelling it); anything else is not
+    if old.kind != "ifb":
+        raise ForeignObjectError(f"a {old.kind or 'device'} named {name} exists and was not created by bwplugin")
+    log(f"removing stale ifb {name} left by an earlier ADD")
+    nl.delete_link(old.index)

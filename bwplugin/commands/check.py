@@ -1,0 +1,151 @@
+"""CHECK: every object of the attachment, compared with what the config asks for."""
+
+from __future__ import annotations
+
+from ..cni.config import Direction, Env, NetConf
+from ..cni.errors import CheckMismatchError, IncompatibleVersionError, InvalidConfigError
+from ..cni.protocol import version_at_least
+from ..datapath import bpf, probe, tc
+from ..datapath.naming import ifb_name
+from ..datapath.netlink import Link, Netlink
+from ..datapath.shaping import htb_leaf_limit, tbf_params
+from .common import HostVeth, entry_flags, find_host_veth, owner_of
+
+
+def cmd_check(env: Env, conf: NetConf) -> None:
+    if not version_at_least(conf.cni_version, "0.4.0"):
+        raise IncompatibleVersionError(f"CHECK is not supported for cniVersion {conf.cni_version} (needs 0.4.0+)")
+    if conf.prev_result is None:
+        raise InvalidConfigError("prevResult is required for CHECK")
+    bw = conf.bandwidth
+    problems: list[str] = []
+    with Netlink() as nl:
+        host = find_host_veth(nl, env, conf.prev_result)
+        name = ifb_name(conf.name, env.container_id, env.ifname)
+        ifb = nl.link(name=name)
+        filters = tc.our_filters(nl, host.index)
+        if not bw.shaped:
+            if filters or tc.is_our_root(tc.root_qdisc(nl, host.index)) or ifb is not None:
+                problems.append(f"{host.name}: shaped by bwplugin but no rate is configured")
+        else:
+            _check_root(nl, problems, f"ingress qdisc on {host.name}", host.index, bw.ingress, conf, host.mtu)
+            if bw.egress:
+                if ifb is None or ifb.kind != "ifb":
+                    problems.append(f"ifb {name}: missing")
+                    ifb = None
+                else:
+                    if not ifb.up:
+                        problems.append(f"ifb {name}: down")
+                    _check_root(nl, problems, f"egress qdisc on {name}", ifb.index, bw.egress, conf, host.mtu)
+            elif ifb is not None:
+                problems.append(f"ifb {name}: present but no egress rate is configured")
+            _check_steering(nl, problems, env, conf, host, filters, ifb)
+    if problems:
+        raise CheckMismatchError("shaping state does not match the config: " + "; ".join(problems))
+
+
+def _check_root(
+    nl: Netlink, problems: list[str], what: str, index: int, d: Direction | None, conf: NetConf, mtu: int
+) -> None:
+    q = tc.root_qdisc(nl, index)
+    if d is None:
+        if tc.is_our_root(q):
+            problems.append(f"{what}: present but this direction has no rate")
+        return
+    want = tbf_params(d, conf.policy, mtu)
+    kind = "htb" if conf.subnets else "tbf"
+    if q is None or q.kind != kind or q.handle != tc.ROOT_HANDLE:
+        problems.append(f"{what}: expected bwplugin's {kind} b0d0:, found {q.kind if q is not None else 'none'}")
+        return
+    if kind == "tbf":
+        got = tc.tbf_state(q)
+        actual = (got.rate, got.limit, got.buffer_ticks) if got else None
+        _compare(problems, what, (want.rate, want.limit, want.buffer_ticks), actual)
+        return
+    classes = tc.htb_classes(nl, index)
+    shaped = classes.get(tc.CLASS_SHAPED)
+    leaf = nl.qdisc(index, tc.CLASS_SHAPED)
+    limit = tc.bfifo_limit(leaf) if leaf is not None else None
+    actual = (shaped.rate, limit or 0, shaped.buffer_ticks) if shaped else None
+    expected = (want.rate, htb_leaf_limit(want, mtu), want.buffer_ticks)
+    _compare(problems, f"{what} class b0d0:1", expected, actual)
+    if tc.CLASS_UNSHAPED not in classes:
+        problems.append(f"{what}: unshaped class b0d0:2 missing")
+
+
+def _compare(problems: list[str], what: str, want: tuple[int, int, int], got: tuple[int, int, int] | None) -> None:
+    if got is None:
+        problems.append(f"{what}: cannot read its parameters")
+        return
+    for field, expected, actual in zip(("rate", "limit", "buffer"), want, got, strict=True):
+        # the kernel stores the bucket as a time and reports it rounded: allow 0.1 %
+        tolerance = max(2, expected // 1000) if field == "buffer" else 0
+        if abs(expected - actual) > tolerance:
+            problems.append(f"{what}: {field} expected {expected}, actual {actual}")
+
+
+def _check_steering(
+    nl: Netlink,
+    problems: list[str],
+    env: Env,
+    conf: NetConf,
+    host: HostVeth,
+    filters: dict[int, tc.BPFFilter],
+    ifb: Link | None,
+) -> None:
+    """The clsact filters, the programs they run, and the map entries they read."""
+    if tc.clsact_qdisc(nl, host.index) is None:
+        problems.append(f"clsact on {host.name}: missing")
+    progs = bpf.open_pinned()
+    if progs is None:
+        problems.append(f"eBPF programs: not pinned under {bpf.pin_dir()}")
+        return
+    try:
+        mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if conf.bandwidth.egress else "bpf"
+        mirred_to = ifb.index if ifb is not None and mode == "mirred" else None
+        want = {
+            tc.CLSACT_EGRESS: ("bwp_to_pod", None),
+            tc.CLSACT_INGRESS: ("bwp_from_pod_mirred" if mirred_to else "bwp_from_pod", mirred_to),
+        }
+        ids = set()
+        for hook, (prog, target) in want.items():
+            flt = filters.get(hook)
+            where = f"{'from-pod' if hook == tc.CLSACT_INGRESS else 'to-pod'} filter on {host.name}"
+            if flt is None:
+                problems.append(f"{where}: missing")
+                continue
+            ids.add(flt.classid)
+            # a filter attached by an older build of the same map layout keeps running
+            # its own program (pinned by the filter): it counts and steers correctly
+            older_build = flt.name.startswith(f"bwplugin:{prog}_") and flt.name != progs.filter_name(prog)
+            current = flt.name == progs.filter_name(prog) and flt.prog_id == progs.prog_id(prog)
+            if not (current or older_build) or flt.direct_action != (target is None):
+                problems.append(f"{where}: runs {flt.name} (prog id {flt.prog_id}), expected {prog}")
+            if flt.mirred_ifindex != target:
+                problems.append(f"{where}: redirects to ifindex {flt.mirred_ifindex}, expected {target}")
+        if len(ids) != 1:
+            if len(ids) > 1:
+                problems.append(f"filters on {host.name}: carry different attachment ids {sorted(ids)}")
+            return
+        _check_entry(problems, progs, ids.pop(), env, conf, host, ifb)
+    finally:
+        progs.close()
+
+
+def _check_entry(
+    problems: list[str], progs: bpf.Programs, attach_id: int, env: Env, conf: NetConf, host: HostVeth, ifb: Link | None
+) -> None:
+    entry = bpf.attach_get(progs.map_fd, attach_id)
+    what = f"attach map entry {attach_id}"
+    if entry is None:
+        problems.append(f"{what}: missing")
+        return
+    expected = (owner_of(conf, env), host.index, ifb.index if ifb else 0, entry_flags(conf))
+    actual = (entry.owner, entry.host_index, entry.ifb_index, entry.flags)
+    for field, want, got in zip(("owner", "host ifindex", "ifb ifindex", "flags"), expected, actual, strict=True):
+        if want != got:
+            problems.append(f"{what}: {field} expected {want}, actual {got}")
+    listed = set(bpf.subnets_of(progs.lpm_fd, attach_id)) if entry.flags & bpf.F_SUBNETS else set()
+    configured = set(conf.subnets.networks) if conf.subnets else set()
+    if listed != configured:
+        problems.append(f"{what}: subnets expected {sorted(map(str, configured))}, actual {sorted(map(str, listed))}")

@@ -1,0 +1,108 @@
+"""What every CNI command shares: finding the pod's host veth, the attachment's
+map-entry identity, the rollback stack, and removing our objects from a veth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..cni.config import Env, NetConf
+from ..cni.errors import HostInterfaceError, InvalidEnvError
+from ..cni.protocol import host_interface_names
+from ..cni.settings import log
+from ..datapath import bpf, tc
+from ..datapath.netlink import Netlink
+
+
+class Undo:
+    """Rollback stack: on failure, undo what this ADD created, newest first."""
+
+    def __init__(self) -> None:
+        self.steps: list[Callable[[], object]] = []
+
+    def push(self, step: Callable[[], object]) -> None:
+        self.steps.append(step)
+
+    def rollback(self) -> None:
+        for step in reversed(self.steps):
+            try:
+                step()
+            except Exception as exc:  # keep undoing the rest
+                log(f"rollback step failed: {exc}")
+        self.steps.clear()
+
+
+@dataclass(frozen=True)
+class HostVeth:
+    index: int
+    name: str
+    mtu: int
+
+
+def open_netns(path: str) -> Netlink:
+    try:
+        return Netlink.in_netns(path)
+    except FileNotFoundError as exc:
+        raise InvalidEnvError(f"CNI_NETNS={path!r} does not exist") from exc
+    except OSError as exc:
+        raise InvalidEnvError(f"CNI_NETNS={path!r} cannot be entered: {exc.strerror}") from exc
+
+
+def find_host_veth(nl: Netlink, env: Env, result: dict[str, Any] | None) -> HostVeth:
+    """The host end of the pod's veth: peer ifindex read inside the netns, checked
+    against the host link's own peer and against prevResult's host interfaces."""
+    with open_netns(env.netns) as pod:
+        link = pod.link(name=env.ifname)
+    if link is None:
+        raise HostInterfaceError(f"interface {env.ifname!r} not found in netns {env.netns}")
+    if link.kind != "veth" or not link.peer_index:
+        raise HostInterfaceError(
+            f"interface {env.ifname!r} in netns {env.netns} is a {link.kind or 'device'} "
+            "without a peer, not a veth: bwplugin shapes veth-based pods only"
+        )
+    host = nl.link(index=link.peer_index)
+    if host is None or host.kind != "veth" or host.peer_index != link.index:
+        raise HostInterfaceError(
+            f"the host-side peer of {env.ifname!r} (ifindex {link.peer_index}) is not in this network namespace"
+        )
+    names = host_interface_names(result) if result else []
+    if names and host.name not in names:
+        raise HostInterfaceError(
+            f"host veth {host.name!r} of {env.ifname!r} is not among prevResult's host interfaces {names}"
+        )
+    return HostVeth(host.index, host.name, host.mtu or 1500)
+
+
+def entry_flags(conf: NetConf) -> int:
+    """bwp_val.flags for this config (see bpf/bwplugin.c)."""
+    bw, flags = conf.bandwidth, 0
+    if bw.egress:
+        flags |= bpf.F_EGRESS_SHAPED
+    if bw.ingress:
+        flags |= bpf.F_INGRESS_SHAPED
+    if conf.subnets:
+        flags |= bpf.F_SUBNETS | (0 if conf.subnets.listed_shaped else bpf.F_LISTED_UNSHAPED)
+    return flags
+
+
+def owner_of(conf: NetConf, env: Env) -> int:
+    return bpf.owner_hash(conf.name, env.container_id, env.ifname)
+
+
+def teardown_host(nl: Netlink, host_index: int, attach_id: int | None = None) -> bool:
+    """Remove our root qdisc and our clsact from a veth. Without attach_id the veth
+    is known to be the pod's; with one (an ifindex from the map, which the kernel
+    may have reused), only if our filters there carry that id."""
+    host = nl.link(index=host_index)
+    if host is None or host.kind != "veth":
+        return False
+    filters = tc.our_filters(nl, host_index)
+    if attach_id is not None and attach_id not in {f.classid for f in filters.values()}:
+        return False
+    if tc.is_our_root(tc.root_qdisc(nl, host_index)):
+        tc.delete_qdisc(nl, host_index, tc.TC_H_ROOT, tc.ROOT_HANDLE)
+    clsact = tc.clsact_qdisc(nl, host_index)
+    if filters and clsact is not None and clsact.kind == "clsact":
+        tc.delete_qdisc(nl, host_index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE)
+    return True

@@ -1,0 +1,56 @@
+"""DEL: best effort and idempotent; removes whatever of this attachment is left."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from ..cni.config import Env, NetConf
+from ..cni.errors import HostInterfaceError, InvalidConfigError, InvalidEnvError
+from ..datapath import bpf
+from ..datapath.naming import ifb_name
+from ..datapath.netlink import Link, Netlink
+from .common import find_host_veth, owner_of, teardown_host
+
+# Set by the agent: hands an inert ifb to a background thread, because deleting a
+# netdev waits for RCU (15-30 ms) and nothing about the pod depends on it any more.
+ifb_releaser: Callable[[Link], None] | None = None
+
+
+def cmd_del(env: Env, conf: NetConf) -> None:
+    """Best effort and idempotent: remove whatever of ours is still there. The map
+    entries (found by owner) say where the filters and qdiscs went even when the
+    netns, the ifb or prevResult is gone."""
+    owner = owner_of(conf, env)
+    with Netlink() as nl:
+        ifb = nl.link(name=ifb_name(conf.name, env.container_id, env.ifname))
+        if ifb is not None and ifb.kind != "ifb":
+            ifb = None  # a foreign device with our name: not ours to delete
+        host_index = _del_host_index(nl, env, conf)
+        map_fd, lpm_fd = bpf.open_map(), bpf.open_lpm()
+        try:
+            entries = bpf.owner_entries(map_fd, owner) if map_fd is not None else {}
+            if host_index is not None:
+                teardown_host(nl, host_index)  # the pod's own veth: ours whatever it carries
+            for attach_id, entry in entries.items():
+                if entry.host_index != host_index:
+                    teardown_host(nl, entry.host_index, attach_id)  # only if its filters prove it
+            for attach_id in entries:
+                assert map_fd is not None
+                bpf.release(map_fd, lpm_fd, attach_id)
+        finally:
+            bpf.close_fds(map_fd, lpm_fd)
+        if ifb is not None:
+            if ifb_releaser is not None:
+                ifb_releaser(ifb)  # already inert: no filter, no map entry points at it
+            else:
+                nl.delete_link(ifb.index)
+
+
+def _del_host_index(nl: Netlink, env: Env, conf: NetConf) -> int | None:
+    if env.netns and os.path.exists(env.netns):
+        try:
+            return find_host_veth(nl, env, conf.prev_result).index
+        except (HostInterfaceError, InvalidEnvError, InvalidConfigError, OSError):
+            pass  # the pod side is half gone; the map entries say where we were
+    return None

@@ -1,0 +1,596 @@
+"""The eBPF side: raw bpf(2) syscalls, bpffs pins, and the once-per-node compile.
+
+bcc is imported only to compile (first ADD on a node, or after an upgrade); every
+other ADD/DEL/CHECK reuses the pinned program and map through plain syscalls."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+
+from ..cni import settings
+from ..cni.errors import BPFUnavailableError, TryAgainLaterError
+from .naming import attachment_digest
+
+SYS_BPF = 321  # x86_64
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
+BPF_OBJ_PIN, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_MAP_LOOKUP_BATCH = 6, 7, 15, 24
+BPF_NOEXIST, BPF_EXIST = 1, 2
+
+BPFFS = "/sys/fs/bpf"
+MAP_LAYOUT = 3  # bump when bwp_val/bwp_lpm_key change; the map pins are versioned by it
+MAX_ATTACH = 65535  # ids are 16-bit: skb->tc_classid is a u16 (qdisc_skb_cb)
+MAX_SUBNETS = 1 << 22  # LPM entries node-wide (allocated on use, not up front)
+PROGRAMS = ("bwp_from_pod", "bwp_from_pod_mirred", "bwp_to_pod")
+
+# bwp_val.flags (see bpf/bwplugin.c)
+F_EGRESS_SHAPED, F_INGRESS_SHAPED, F_SUBNETS, F_LISTED_UNSHAPED = 1, 2, 4, 8
+
+KEY = struct.Struct("=I")  # attachment id (the filters' classid)
+VAL = struct.Struct("=IIIIQQ8Q16s128s")  # struct bwp_val
+LPM_KEY = struct.Struct("=IHBx16s")  # struct bwp_lpm_key
+LPM_VAL = struct.Struct("=B")
+POD_VAL = struct.Struct("=64s256s64s")  # struct bwp_pod
+CID_MAX = 127
+
+
+def pin_dir() -> Path:
+    return Path(settings.get("BWPLUGIN_PIN_DIR") or f"{BPFFS}/bwplugin")
+
+
+def source_path() -> Path:
+    override = settings.get("BWPLUGIN_BPF_DIR")
+    if override:
+        return Path(override) / "bwplugin.c"
+    package = Path(__file__).resolve().parent.parent
+    wheel = package / "ebpf" / "bwplugin.c"  # installed from a wheel (package data)
+    return wheel if wheel.exists() else package.parent / "bpf" / "bwplugin.c"  # a checkout or a --lib copy
+
+
+def lock_path() -> Path:
+    return Path(settings.get("BWPLUGIN_RUN_DIR") or "/run/bwplugin") / "bpf.lock"
+
+
+# ---------------------------------------------------------------- syscalls
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _bpf(cmd: int, attr: bytes) -> tuple[int, bytes]:
+    buf = ctypes.create_string_buffer(attr, 128)
+    ret = _libc.syscall(SYS_BPF, cmd, buf, 128)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret, buf.raw
+
+
+def obj_get(path: str | Path) -> int:
+    p = ctypes.create_string_buffer(str(path).encode())
+    return _bpf(BPF_OBJ_GET, struct.pack("=QII", ctypes.addressof(p), 0, 0))[0]
+
+
+def obj_pin(fd: int, path: str | Path) -> None:
+    p = ctypes.create_string_buffer(str(path).encode())
+    _bpf(BPF_OBJ_PIN, struct.pack("=QII", ctypes.addressof(p), fd, 0))
+
+
+def obj_id(fd: int) -> int:
+    """The kernel id of a prog or map fd (bpf_{prog,map}_info.id at offset 4)."""
+    info = ctypes.create_string_buffer(256)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 256, ctypes.addressof(info)))
+    return int(struct.unpack_from("=I", info.raw, 4)[0])
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    k = ctypes.create_string_buffer(key)
+    v = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("=IxxxxQQQ", fd, ctypes.addressof(k), ctypes.addressof(v), 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(value)
+    _bpf(BPF_MAP_UPDATE_ELEM, struct.pack("=IxxxxQQQ", fd, ctypes.addressof(k), ctypes.addressof(v), flags))
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    k = ctypes.create_string_buffer(key)
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, struct.pack("=IxxxxQQQ", fd, ctypes.addressof(k), 0, 0))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    keys: list[bytes] = []
+    prev = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while True:
+        cur = ctypes.create_string_buffer(prev) if prev is not None else None
+        attr = struct.pack("=IxxxxQQ", fd, ctypes.addressof(cur) if cur else 0, ctypes.addressof(nxt))
+        try:
+            _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return keys
+            raise
+        prev = nxt.raw
+        keys.append(prev)
+
+
+def map_items(fd: int, key_size: int, value_size: int, chunk: int = 1024) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map, in a few BPF_MAP_LOOKUP_BATCH calls rather
+    than two syscalls per entry (a node may shape thousands of pods)."""
+    keys = ctypes.create_string_buffer(key_size * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    token_in = ctypes.create_string_buffer(8)
+    token_out = ctypes.create_string_buffer(8)
+    out: list[tuple[bytes, bytes]] = []
+    first = True
+    while True:
+        count = ctypes.c_uint32(chunk)
+        attr = struct.pack(
+            "=QQQQIIQQ",
+            0 if first else ctypes.addressof(token_in), ctypes.addressof(token_out),
+            ctypes.addressof(keys), ctypes.addressof(values), chunk, fd, 0, 0,
+        )  # fmt: skip
+        buf = ctypes.create_string_buffer(attr, 128)
+        ret = _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_BATCH, buf, 128)
+        err = ctypes.get_errno() if ret < 0 else 0
+        if ret < 0 and err != errno.ENOENT:
+            if first and err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # kernel < 5.6
+                return [(k, v) for k in map_keys(fd, key_size) if (v := map_lookup(fd, k, value_size)) is not None]
+            raise OSError(err, os.strerror(err))
+        count.value = struct.unpack_from("=I", buf.raw, 32)[0]
+        kraw, vraw = keys.raw, values.raw  # .raw copies the whole buffer: once per batch
+        for i in range(count.value):
+            out.append((kraw[i * key_size : (i + 1) * key_size], vraw[i * value_size : (i + 1) * value_size]))
+        if ret < 0:  # ENOENT: that was the last batch
+            return out
+        ctypes.memmove(token_in, token_out, 8)
+        first = False
+
+
+# ---------------------------------------------------------------- attach map
+
+
+@dataclass(frozen=True)
+class Counter:
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class AttachEntry:
+    """One attachment's row in the pinned map (struct bwp_val)."""
+
+    ifb_index: int
+    host_index: int
+    flags: int
+    owner: int
+    network: int
+    ifname: str
+    container_id: str
+    from_pod_shaped: Counter = Counter()
+    from_pod_unshaped: Counter = Counter()
+    to_pod_shaped: Counter = Counter()
+    to_pod_unshaped: Counter = Counter()
+
+    def pack(self) -> bytes:
+        counts = (self.from_pod_shaped, self.from_pod_unshaped, self.to_pod_shaped, self.to_pod_unshaped)
+        return VAL.pack(
+            self.ifb_index, self.host_index, self.flags, 0, self.owner, self.network,
+            *(n for c in counts for n in (c.packets, c.bytes)),
+            self.ifname.encode()[:15], self.container_id.encode()[:CID_MAX],
+        )  # fmt: skip
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> AttachEntry:
+        f = VAL.unpack_from(raw)
+        return cls(
+            ifb_index=f[0], host_index=f[1], flags=f[2], owner=f[4], network=f[5],
+            ifname=f[14].split(b"\0", 1)[0].decode(errors="replace"),
+            container_id=f[15].split(b"\0", 1)[0].decode(errors="replace"),
+            from_pod_shaped=Counter(f[6], f[7]), from_pod_unshaped=Counter(f[8], f[9]),
+            to_pod_shaped=Counter(f[10], f[11]), to_pod_unshaped=Counter(f[12], f[13]),
+        )  # fmt: skip
+
+
+def attach_key(attach_id: int) -> bytes:
+    return KEY.pack(attach_id)
+
+
+def attach_new(map_fd: int, entry: AttachEntry) -> int:
+    """Insert an entry under a fresh random id. BPF_NOEXIST makes the insert the
+    allocation: two concurrent ADDs can never get the same id, and no lock is needed."""
+    value = entry.pack()
+    start = secrets.randbelow(MAX_ATTACH)
+    for step in range(MAX_ATTACH):  # random start, then probe: ids 1..65535 (0 = no classid)
+        attach_id = (start + step) % MAX_ATTACH + 1
+        try:
+            map_update(map_fd, attach_key(attach_id), value, BPF_NOEXIST)
+            return attach_id
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+    raise OSError(errno.ENOSPC, f"all {MAX_ATTACH} attachment ids are in use")
+
+
+def attach_set_ifb(map_fd: int, attach_id: int, ifb_index: int) -> None:
+    """Point an existing entry at its ifb. The counters are zero here (no filter
+    runs yet), so rewriting the whole value loses nothing."""
+    entry = attach_get(map_fd, attach_id)
+    if entry is None:
+        raise OSError(errno.ENOENT, f"attach map entry {attach_id} vanished")
+    map_update(map_fd, attach_key(attach_id), replace(entry, ifb_index=ifb_index).pack(), BPF_EXIST)
+
+
+def attach_get(map_fd: int, attach_id: int) -> AttachEntry | None:
+    raw = map_lookup(map_fd, attach_key(attach_id), VAL.size)
+    return None if raw is None else AttachEntry.unpack(raw)
+
+
+def attach_entries(map_fd: int) -> dict[int, AttachEntry]:
+    return {KEY.unpack(k)[0]: AttachEntry.unpack(v) for k, v in map_items(map_fd, KEY.size, VAL.size)}
+
+
+def owner_entries(map_fd: int, owner: int) -> dict[int, AttachEntry]:
+    """The entries of one (network, container, ifname), from one batch read; only
+    those are decoded, so a DEL stays cheap on a node with many pods."""
+    return {
+        KEY.unpack(k)[0]: AttachEntry.unpack(v)
+        for k, v in map_items(map_fd, KEY.size, VAL.size)
+        if _OWNER.unpack_from(v, 16)[0] == owner
+    }
+
+
+_OWNER = struct.Struct("=Q")
+
+
+def release(map_fd: int, lpm_fd: int | None, attach_id: int) -> None:
+    """Forget an attachment: its prefixes first (walking the trie only if it has
+    any) and its pod, then its id, which frees it for reuse."""
+    entry = attach_get(map_fd, attach_id)
+    if entry is None:
+        return
+    if lpm_fd is not None and entry.flags & F_SUBNETS:
+        subnets_delete(lpm_fd, attach_id)
+    pods_fd = open_pods()
+    if pods_fd is not None:
+        try:
+            map_delete(pods_fd, attach_key(attach_id))
+        finally:
+            close_fds(pods_fd)
+    map_delete(map_fd, attach_key(attach_id))
+
+
+# ---------------------------------------------------------------- pods (who owns an attachment)
+
+
+@dataclass(frozen=True)
+class PodEntry:
+    namespace: str
+    name: str
+    uid: str
+
+    def pack(self) -> bytes:
+        return POD_VAL.pack(self.namespace.encode()[:63], self.name.encode()[:255], self.uid.encode()[:63])
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> PodEntry:
+        return cls(*(f.split(b"\0", 1)[0].decode(errors="replace") for f in POD_VAL.unpack_from(raw)))
+
+
+def pod_set(pods_fd: int, attach_id: int, pod: PodEntry) -> None:
+    map_update(pods_fd, attach_key(attach_id), pod.pack())
+
+
+def pod_entries(pods_fd: int) -> dict[int, PodEntry]:
+    return {KEY.unpack(k)[0]: PodEntry.unpack(v) for k, v in map_items(pods_fd, KEY.size, POD_VAL.size)}
+
+
+def owner_hash(network: str, container_id: str, ifname: str) -> int:
+    return int.from_bytes(attachment_digest(network, container_id, ifname)[:8], "little")
+
+
+def network_hash(network: str) -> int:
+    return int.from_bytes(hashlib.sha256(network.encode()).digest()[:8], "little")
+
+
+# ---------------------------------------------------------------- subnets (LPM trie)
+
+
+def lpm_key(attach_id: int, net: IPv4Network | IPv6Network) -> bytes:
+    family = 4 if net.version == 4 else 6
+    return LPM_KEY.pack(32 + net.prefixlen, attach_id, family, net.network_address.packed.ljust(16, b"\0"))
+
+
+def subnets_add(lpm_fd: int, attach_id: int, nets: tuple[IPv4Network | IPv6Network, ...]) -> None:
+    for net in nets:
+        map_update(lpm_fd, lpm_key(attach_id, net), LPM_VAL.pack(1))
+
+
+def subnets_of(lpm_fd: int, attach_id: int) -> list[IPv4Network | IPv6Network]:
+    out: list[IPv4Network | IPv6Network] = []
+    for key in map_keys(lpm_fd, LPM_KEY.size):
+        prefixlen, kid, family, addr = LPM_KEY.unpack(key)
+        if kid != attach_id:
+            continue
+        if family == 4:
+            out.append(IPv4Network((addr[:4], prefixlen - 32)))
+        else:
+            out.append(IPv6Network((addr, prefixlen - 32)))
+    return out
+
+
+def subnets_delete(lpm_fd: int, attach_id: int) -> int:
+    """Delete every prefix of one attachment (a full walk: the trie has no index by id)."""
+    doomed = [k for k in map_keys(lpm_fd, LPM_KEY.size) if LPM_KEY.unpack(k)[1] == attach_id]
+    return sum(map_delete(lpm_fd, k) for k in doomed)
+
+
+# ---------------------------------------------------------------- programs
+
+
+@dataclass
+class Programs:
+    """The pinned programs and maps of one compiled version, opened by fd."""
+
+    fds: dict[str, int]  # program name -> fd
+    map_fd: int
+    lpm_fd: int
+    pods_fd: int
+    version: str  # digest of source + layout: part of every pin and filter name
+
+    def fd(self, name: str) -> int:
+        return self.fds[name]
+
+    def filter_name(self, name: str) -> str:
+        # cls_bpf keeps this name; it ties an attached filter to the pin it came from
+        return f"bwplugin:{name}_{self.version}"
+
+    def prog_id(self, name: str) -> int:
+        return obj_id(self.fds[name])
+
+    def close(self) -> None:
+        for fd in (*self.fds.values(), self.map_fd, self.lpm_fd, self.pods_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def map_path() -> Path:
+    return pin_dir() / f"attach_v{MAP_LAYOUT}"
+
+
+def lpm_path() -> Path:
+    return pin_dir() / f"subnets_v{MAP_LAYOUT}"
+
+
+def pods_path() -> Path:
+    return pin_dir() / f"pods_v{MAP_LAYOUT}"
+
+
+_DIGESTS: dict[tuple[Path, float], str] = {}
+
+
+def version() -> str:
+    """Digest of the C source and map layout: a changed program gets new pins."""
+    src = source_path()
+    try:
+        key = (src, src.stat().st_mtime)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = _digest(src)
+    except OSError as exc:
+        raise BPFUnavailableError(f"eBPF source {src} cannot be read: {exc.strerror}") from exc
+    return _DIGESTS[key]
+
+
+def _digest(src: Path) -> str:
+    return hashlib.sha256(src.read_bytes() + f"layout={MAP_LAYOUT}".encode()).hexdigest()[:12]
+
+
+def prog_path(name: str, ver: str | None = None) -> Path:
+    return pin_dir() / f"{name}_{ver or version()}"
+
+
+def open_pinned() -> Programs | None:
+    ver = version()
+    fds: dict[str, int] = {}
+    try:
+        for name in PROGRAMS:
+            fds[name] = obj_get(prog_path(name, ver))
+        for name, path in (("map", map_path()), ("lpm", lpm_path()), ("pods", pods_path())):
+            fds[name] = obj_get(path)
+    except OSError:
+        for fd in fds.values():
+            os.close(fd)
+        return None
+    map_fd, lpm_fd, pods_fd = fds.pop("map"), fds.pop("lpm"), fds.pop("pods")  # fds: programs only
+    return Programs(fds, map_fd, lpm_fd, pods_fd, ver)
+
+
+def close_fds(*fds: int | None) -> None:
+    """Close the map fds that were opened (an open_* answers None for a missing pin)."""
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def open_map() -> int | None:
+    """The attach map alone (DEL and GC need no program)."""
+    try:
+        return obj_get(map_path())
+    except OSError:
+        return None
+
+
+def open_lpm() -> int | None:
+    try:
+        return obj_get(lpm_path())
+    except OSError:
+        return None
+
+
+def open_pods() -> int | None:
+    try:
+        return obj_get(pods_path())
+    except OSError:
+        return None
+
+
+def programs() -> Programs:
+    """The pinned programs, compiling and pinning them first if this node has none."""
+    progs = open_pinned()
+    if progs is not None:
+        return progs
+    ensure_bpffs()
+    with node_lock():
+        progs = open_pinned()  # somebody else may have compiled while we waited
+        if progs is None:
+            compile_in_child()
+            progs = open_pinned()
+            if progs is None:
+                raise BPFUnavailableError(f"the compiled programs were not pinned under {pin_dir()}")
+    return progs
+
+
+LOCK_WAIT = 150.0  # s: longer than a compile can take (the child is killed at 120 s)
+
+
+@contextlib.contextmanager
+def node_lock(wait: float | None = None) -> Iterator[None]:
+    """Serialises compiling and probing on a node; the kernel drops it if we die.
+    A process that cannot get it in time answers "try again later" (code 11)
+    rather than waiting without bound."""
+    lock = lock_path()
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    if wait is None:
+        wait = float(settings.get("BWPLUGIN_LOCK_WAIT") or LOCK_WAIT)
+    deadline = time.monotonic() + wait
+    with open(lock, "a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TryAgainLaterError(
+                        f"another bwplugin process has held {lock} for over {wait:g} s (compiling?)"
+                    ) from None
+                time.sleep(0.02)
+        yield
+
+
+def compile_in_child() -> None:
+    """bcc and LLVM take ~100 MB that a long-lived agent would keep for good after
+    compiling once; a short-lived child process returns it to the system."""
+    import subprocess  # ~7 ms to import: only a cold compile needs it
+
+    argv = [sys.executable, "-I", "-c", _CHILD, json.dumps(sys.path), str(source_path()), str(pin_dir())]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        lines = proc.stdout.strip().splitlines()
+        msg = lines[-1] if lines else f"the compiler process exited with {proc.returncode}"
+        raise BPFUnavailableError(msg, proc.stderr[-4000:])
+
+
+_CHILD = """
+import json, sys
+sys.path[:0] = json.loads(sys.argv[1])
+from bwplugin.datapath.bpf import compile_and_pin
+from bwplugin.cni.errors import CNIError
+try:
+    compile_and_pin(sys.argv[2], sys.argv[3])
+except CNIError as exc:
+    print(exc.msg)
+    sys.stderr.write(exc.details)
+    raise SystemExit(1)
+"""
+
+
+def compile_and_pin(src: str, pins: str) -> None:
+    """Runs in the child: compile with bcc, pin every program, unpin old versions."""
+    pdir = Path(pins)
+    pdir.mkdir(parents=True, exist_ok=True)
+    ver = _digest(Path(src))
+    try:
+        from bcc import BPF  # heavy (LLVM); only here
+    except ImportError as exc:
+        raise BPFUnavailableError("bcc (python3-bpfcc) is not importable, and no compiled program is pinned") from exc
+    cflags = [
+        f'-DBWP_MAP_PIN="{pdir}/attach_v{MAP_LAYOUT}"',
+        f'-DBWP_LPM_PIN="{pdir}/subnets_v{MAP_LAYOUT}"',
+        f'-DBWP_POD_PIN="{pdir}/pods_v{MAP_LAYOUT}"',
+        f"-DBWP_MAX_ATTACH={MAX_ATTACH}",
+        f"-DBWP_MAX_SUBNETS={MAX_SUBNETS}",
+        "-w",
+    ]
+    with _stderr_to_tempfile() as log:
+        try:
+            bcc = BPF(src_file=src.encode(), cflags=cflags)
+            fns = {name: bcc.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS}
+        except Exception as exc:
+            raise BPFUnavailableError(f"compiling {src} failed: {exc}", log.read()) from exc
+    for name, fn in fns.items():
+        target = pdir / f"{name}_{ver}"
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()  # a half-finished earlier compile
+        obj_pin(fn.fd, target)
+    for old in pdir.iterdir():  # older versions' programs; attached filters keep them alive
+        if old.name.startswith(PROGRAMS) and not old.name.endswith(ver):
+            with contextlib.suppress(OSError):
+                old.unlink()
+    bcc.cleanup()
+
+
+class _stderr_to_tempfile:
+    """bcc's C side prints noise ("modprobe: not found") on fd 2, which would reach
+    the runtime's logs; keep it, and show it only if compilation fails."""
+
+    def __enter__(self) -> _stderr_to_tempfile:
+        self.file = tempfile.TemporaryFile(mode="w+")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def read(self) -> str:
+        self.file.seek(0)
+        return self.file.read()[-4000:]
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.close()
+
+
+def ensure_bpffs() -> None:
+    if os.path.ismount(BPFFS):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", BPFFS.encode(), b"bpf", 0, b"mode=0700") != 0:
+        err = ctypes.get_errno()
+        raise BPFUnavailableError(f"bpffs is not mounted at {BPFFS} and mounting it failed: {os.strerror(err)}")

@@ -1,0 +1,315 @@
+"""The tc objects bwplugin owns: TBF or HTB roots, the clsact qdisc and its cls_bpf filters.
+
+Handles and priorities are fixed and distinctive so that we can tell our
+objects from anybody else's and never touch theirs."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+from ..cni.errors import KernelFeatureError
+from .netlink import (
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    RTM_DELQDISC,
+    RTM_NEWQDISC,
+    RTM_NEWTCLASS,
+    RTM_NEWTFILTER,
+    Netlink,
+    NetlinkError,
+    TcObject,
+    attr_str,
+    attr_u32,
+    attr_u64,
+    nla,
+    nla_nested,
+    nla_str,
+    nla_u32,
+    nla_u64,
+    parse_attrs,
+    tcmsg,
+)
+from .shaping import TBFParams, htb_leaf_limit
+
+TC_H_ROOT = 0xFFFFFFFF
+TC_H_CLSACT = 0xFFFFFFF1  # also TC_H_INGRESS: the parent of clsact/ingress qdiscs
+CLSACT_HANDLE = 0xFFFF0000
+CLSACT_INGRESS = 0xFFFFFFF2  # ffff:fff2, the clsact hook for packets the device receives
+CLSACT_EGRESS = 0xFFFFFFF3  # ffff:fff3, the hook for packets it sends
+ROOT_HANDLE = 0xB0D00000  # "b0d0:", bwplugin's root TBF or HTB on veth and ifb
+TBF_HANDLE = ROOT_HANDLE
+CLASS_SHAPED = ROOT_HANDLE | 1  # b0d0:1 (bpf/bwplugin.c puts these in skb->priority)
+CLASS_UNSHAPED = ROOT_HANDLE | 2  # b0d0:2
+LEAF_HANDLE = {CLASS_SHAPED: 0xB0D10000, CLASS_UNSHAPED: 0xB0D20000}  # the classes' bfifos
+FILTER_PRIO = 0xB0D
+FILTER_HANDLE = 1
+ETH_P_ALL_BE = 0x0300  # htons(ETH_P_ALL)
+UNSHAPED_RATE = 125_000_000_000  # bytes/s (1 Tbit/s): HTB needs a rate; this one never binds
+UNSHAPED_LIMIT = 4 << 20  # bytes: the unshaped class only queues while the device is busy
+
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_TBF_PARMS, TCA_TBF_RATE64, TCA_TBF_BURST = 1, 4, 6
+TCA_HTB_PARMS, TCA_HTB_INIT, TCA_HTB_RATE64, TCA_HTB_CEIL64 = 1, 2, 6, 7
+TCA_BPF_ACT, TCA_BPF_CLASSID, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_ID = 1, 3, 6, 7, 8, 11
+TCA_BPF_FLAG_ACT_DIRECT = 1
+TCA_ACT_KIND, TCA_ACT_OPTIONS = 1, 2
+TCA_MIRRED_PARMS = 2
+TC_ACT_STOLEN, TCA_EGRESS_REDIR = 4, 1
+TCA_STATS_BASIC, TCA_STATS_QUEUE = 1, 3
+TC_LINKLAYER_ETHERNET = 1
+
+_RATESPEC = "BBHhHI"
+_TBF_QOPT = struct.Struct("=" + _RATESPEC + _RATESPEC + "III")
+_HTB_OPT = struct.Struct("=" + _RATESPEC + _RATESPEC + "IIIII")  # rate, ceil, buffer, cbuffer, quantum, level, prio
+_HTB_GLOB = struct.Struct("=IIIII")  # version, rate2quantum, defcls, debug, direct_pkts
+_MIRRED = struct.Struct("=IIiiiiI")  # tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex
+
+# qdisc/filter/action kinds bwplugin needs, and the module that provides each
+KINDS = {"tbf": "sch_tbf", "htb": "sch_htb", "bfifo": "sch_fifo", "clsact": "sch_ingress", "bpf": "cls_bpf"}
+
+
+def module_of(kind: str) -> str:
+    """The kernel module that provides a kind (ours are listed; others are qdiscs)."""
+    return KINDS.get(kind, f"sch_{kind}")
+
+
+@dataclass(frozen=True)
+class TBFState:
+    """A TBF as the kernel reports it."""
+
+    handle: int
+    rate: int  # bytes/s
+    limit: int  # bytes
+    buffer_ticks: int
+
+
+@dataclass(frozen=True)
+class HTBClass:
+    classid: int
+    rate: int  # bytes/s
+    ceil: int
+    buffer_ticks: int
+    quantum: int
+
+
+@dataclass(frozen=True)
+class QdiscStats:
+    bytes: int
+    packets: int
+    drops: int
+    overlimits: int
+    backlog: int
+    qlen: int
+
+
+@dataclass(frozen=True)
+class BPFFilter:
+    hook: int  # CLSACT_INGRESS or CLSACT_EGRESS
+    prio: int
+    handle: int
+    name: str
+    prog_id: int
+    classid: int  # bwplugin's attachment id
+    direct_action: bool
+    mirred_ifindex: int | None  # the redirect target of a mirred action, if any
+
+
+def _create(nl: Netlink, msg_type: int, body: bytes, kind: str, what: str, flags: int = NLM_F_EXCL) -> None:
+    """A create that turns "the kernel has no such kind" into a clear error."""
+    try:
+        nl.request(msg_type, NLM_F_CREATE | flags, body, what)
+    except NetlinkError as exc:
+        if exc.errno in (errno.ENOENT, errno.EOPNOTSUPP) and "unknown" in exc.ext_msg.lower():
+            module = module_of(kind)
+            raise KernelFeatureError(
+                f"the kernel has no {kind!r} tc kind ({module} is neither built in nor loadable): {what} failed",
+                exc.ext_msg,
+            ) from exc
+        raise
+
+
+def _ratespec(rate: int) -> tuple[int, int, int, int, int, int]:
+    return (0, TC_LINKLAYER_ETHERNET, 0, 0, 0, min(rate, 0xFFFFFFFF))
+
+
+def add_tbf(nl: Netlink, index: int, params: TBFParams) -> None:
+    """A root TBF (exclusive create: never replaces somebody else's root)."""
+    qopt = _TBF_QOPT.pack(*_ratespec(params.rate), *_ratespec(0), params.limit, params.buffer_ticks, 0)
+    opts = nla(TCA_TBF_PARMS, qopt) + nla_u32(TCA_TBF_BURST, params.burst)
+    if params.rate > 0xFFFFFFFF:
+        opts += nla_u64(TCA_TBF_RATE64, params.rate)
+    body = tcmsg(index, TBF_HANDLE, TC_H_ROOT) + nla_str(TCA_KIND, "tbf") + nla(TCA_OPTIONS, opts)
+    _create(nl, RTM_NEWQDISC, body, "tbf", f"add tbf on ifindex {index}")
+
+
+def add_root_qdisc(nl: Netlink, index: int, kind: str) -> None:
+    """A root qdisc of any kind with its default options (used to probe kinds)."""
+    body = tcmsg(index, ROOT_HANDLE, TC_H_ROOT) + nla_str(TCA_KIND, kind)
+    _create(nl, RTM_NEWQDISC, body, kind, f"add {kind} on ifindex {index}")
+
+
+def htb_quantum(rate: int, mtu: int) -> int:
+    """Given explicitly, so the kernel never warns about r2q ("quantum of class is
+    big/small"); HTB's own rate/10 rule, clamped to [one frame, 200000]."""
+    return max(mtu + 14, min(rate // 10, 200_000))
+
+
+def add_htb(nl: Netlink, index: int, params: TBFParams, default_shaped: bool, mtu: int) -> None:
+    """A root HTB with a shaped class (the configured rate and bucket, a bfifo
+    bounded by latency but holding two GSO packets) and an unshaped class (never
+    binds). The eBPF programs choose the class through skb->priority; unclassified
+    packets take the default class."""
+    default = CLASS_SHAPED if default_shaped else CLASS_UNSHAPED
+    glob = _HTB_GLOB.pack(3, 10, default & 0xFFFF, 0, 0)
+    body = tcmsg(index, ROOT_HANDLE, TC_H_ROOT) + nla_str(TCA_KIND, "htb") + nla(TCA_OPTIONS, nla(TCA_HTB_INIT, glob))
+    _create(nl, RTM_NEWQDISC, body, "htb", f"add htb on ifindex {index}")
+    unshaped_burst = 64 * 1024 + mtu + 14
+    unshaped_ticks = unshaped_burst * 10**9 // UNSHAPED_RATE // 64 + 1
+    for classid, rate, ticks, limit in (
+        (CLASS_SHAPED, params.rate, params.buffer_ticks, htb_leaf_limit(params, mtu)),
+        (CLASS_UNSHAPED, UNSHAPED_RATE, unshaped_ticks, UNSHAPED_LIMIT),
+    ):
+        opt = _HTB_OPT.pack(*_ratespec(rate), *_ratespec(rate), ticks, ticks, htb_quantum(rate, mtu), 0, 0)
+        opts = nla(TCA_HTB_PARMS, opt)
+        if rate > 0xFFFFFFFF:
+            opts += nla_u64(TCA_HTB_RATE64, rate) + nla_u64(TCA_HTB_CEIL64, rate)
+        body = tcmsg(index, classid, ROOT_HANDLE) + nla_str(TCA_KIND, "htb") + nla(TCA_OPTIONS, opts)
+        _create(nl, RTM_NEWTCLASS, body, "htb", f"add htb class {classid >> 16:x}:{classid & 0xFFFF:x} on {index}")
+        # an explicit byte fifo: the default leaf is a pfifo of txqueuelen packets
+        # (32 on an ifb), which is neither a latency bound nor a byte bound
+        body = tcmsg(index, LEAF_HANDLE[classid], classid) + nla_str(TCA_KIND, "bfifo")
+        body += nla(TCA_OPTIONS, struct.pack("=I", limit))
+        _create(nl, RTM_NEWQDISC, body, "bfifo", f"add bfifo under class {classid & 0xFFFF:x} on {index}")
+
+
+def add_clsact(nl: Netlink, index: int) -> None:
+    body = tcmsg(index, CLSACT_HANDLE, TC_H_CLSACT) + nla_str(TCA_KIND, "clsact")
+    _create(nl, RTM_NEWQDISC, body, "clsact", f"add clsact on ifindex {index}")
+
+
+def add_bpf_filter(
+    nl: Netlink, index: int, hook: int, prog_fd: int, name: str, classid: int, mirred_to: int | None = None
+) -> None:
+    """cls_bpf on a clsact hook, in direct-action mode, or (mirred_to) as a plain
+    classifier whose match runs an act_mirred redirect to that ifindex. cls_bpf
+    hands the classid to the program in skb->tc_classid: it is the attachment id."""
+    opts = nla_u32(TCA_BPF_CLASSID, classid) + nla_u32(TCA_BPF_FD, prog_fd) + nla_str(TCA_BPF_NAME, name)
+    if mirred_to is None:
+        opts += nla_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT)
+    else:
+        parms = _MIRRED.pack(0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, mirred_to)
+        action = nla_str(TCA_ACT_KIND, "mirred") + nla_nested(TCA_ACT_OPTIONS, nla(TCA_MIRRED_PARMS, parms))
+        opts += nla_nested(TCA_BPF_ACT, nla_nested(1, action))
+    info = (FILTER_PRIO << 16) | ETH_P_ALL_BE
+    body = tcmsg(index, FILTER_HANDLE, hook, info) + nla_str(TCA_KIND, "bpf") + nla(TCA_OPTIONS, opts)
+    _create(nl, RTM_NEWTFILTER, body, "bpf", f"add bpf filter on ifindex {index}")
+
+
+def delete_qdisc(nl: Netlink, index: int, parent: int, handle: int) -> bool:
+    """Delete one qdisc; False if it (or the device) was already gone."""
+    try:
+        nl.request(RTM_DELQDISC, 0, tcmsg(index, handle, parent), f"delete qdisc on ifindex {index}")
+    except NetlinkError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+            return False
+        raise
+    return True
+
+
+def root_qdisc(nl: Netlink, index: int) -> TcObject | None:
+    return nl.qdisc(index, TC_H_ROOT)
+
+
+def clsact_qdisc(nl: Netlink, index: int) -> TcObject | None:
+    """The clsact (or plain ingress) qdisc: both hang at ffff:fff1."""
+    return nl.qdisc(index, TC_H_CLSACT)
+
+
+def is_our_root(q: TcObject | None) -> bool:
+    return q is not None and q.kind in ("tbf", "htb") and q.handle == ROOT_HANDLE
+
+
+def tbf_state(q: TcObject) -> TBFState | None:
+    raw = q.options.get(TCA_TBF_PARMS)
+    if q.kind != "tbf" or raw is None or len(raw) < _TBF_QOPT.size:
+        return None
+    fields = _TBF_QOPT.unpack_from(raw)
+    rate = attr_u64(q.options, TCA_TBF_RATE64) or fields[5]
+    return TBFState(handle=q.handle, rate=rate, limit=fields[12], buffer_ticks=fields[13])
+
+
+def bfifo_limit(q: TcObject) -> int | None:
+    raw = q.raw_options
+    return int(struct.unpack_from("=I", raw)[0]) if q.kind == "bfifo" and len(raw) >= 4 else None
+
+
+def htb_classes(nl: Netlink, index: int) -> dict[int, HTBClass]:
+    out = {}
+    for c in nl.classes(index):
+        raw = c.options.get(TCA_HTB_PARMS)
+        if c.kind != "htb" or raw is None or len(raw) < _HTB_OPT.size:
+            continue
+        f = _HTB_OPT.unpack_from(raw)
+        rate = attr_u64(c.options, TCA_HTB_RATE64) or f[5]
+        ceil = attr_u64(c.options, TCA_HTB_CEIL64) or f[11]
+        out[c.handle] = HTBClass(c.handle, rate, ceil, f[12], f[14])
+    return out
+
+
+def qdisc_stats(q: TcObject) -> QdiscStats:
+    basic = q.stats2.get(TCA_STATS_BASIC, b"")
+    queue = q.stats2.get(TCA_STATS_QUEUE, b"")
+    nbytes, packets = struct.unpack_from("=QI", basic) if len(basic) >= 12 else (0, 0)
+    qlen, backlog, drops, _requeues, overlimits = (
+        struct.unpack_from("=IIIII", queue) if len(queue) >= 20 else (0, 0, 0, 0, 0)
+    )
+    return QdiscStats(nbytes, packets, drops, overlimits, backlog, qlen)
+
+
+def our_filters(nl: Netlink, index: int) -> dict[int, BPFFilter]:
+    """bwplugin's filter on each clsact hook (ours: our priority and name)."""
+    out = {}
+    for hook in (CLSACT_INGRESS, CLSACT_EGRESS):
+        for f in bpf_filters(nl, index, hook):
+            if f.prio == FILTER_PRIO and f.name.startswith("bwplugin:"):
+                out[hook] = f
+    return out
+
+
+def our_classid(nl: Netlink, index: int) -> int | None:
+    """The attachment id our filters on a veth carry."""
+    filters = our_filters(nl, index)
+    return next((f.classid for f in filters.values()), None)
+
+
+def _mirred_target(raw: bytes | None) -> int | None:
+    for action in parse_attrs(raw or b"").values():
+        attrs = parse_attrs(action)
+        if attr_str(attrs, TCA_ACT_KIND) != "mirred":
+            continue
+        parms = parse_attrs(attrs.get(TCA_ACT_OPTIONS, b"")).get(TCA_MIRRED_PARMS)
+        if parms is not None and len(parms) >= _MIRRED.size:
+            return int(_MIRRED.unpack_from(parms)[6])
+    return None
+
+
+def bpf_filters(nl: Netlink, index: int, hook: int) -> list[BPFFilter]:
+    out = []
+    for f in nl.filters(index, hook):
+        if f.kind != "bpf" or f.handle == 0:
+            continue  # handle 0 is the per-prio chain head, not a filter
+        out.append(
+            BPFFilter(
+                hook=hook,
+                prio=f.info >> 16,
+                handle=f.handle,
+                name=attr_str(f.options, TCA_BPF_NAME) or "",
+                prog_id=attr_u32(f.options, TCA_BPF_ID) or 0,
+                classid=attr_u32(f.options, TCA_BPF_CLASSID) or 0,
+                direct_action=bool((attr_u32(f.options, TCA_BPF_FLAGS) or 0) & TCA_BPF_FLAG_ACT_DIRECT),
+                mirred_ifindex=_mirred_target(f.options.get(TCA_BPF_ACT)),
+            )
+        )
+    return out

@@ -1,0 +1,63 @@
+"""Fault injection for the crash, rollback and soak tests, from outside the product.
+
+The test lab runs `import tests.faults; tests.faults.install()` first in every
+plugin process and agent it starts (bench.lab.lab.PRELUDE, set by conftest). It
+wraps the steps ADD takes, so that ADD fails, or its process is SIGKILLed, right
+after one of them. BWPLUGIN_FAULT=<point>[:kill] in the request's environment
+picks the step; without it nothing changes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from bwplugin.cni import settings
+from bwplugin.cni.errors import IOFailureError
+from bwplugin.commands import add
+from bwplugin.datapath import tc
+
+POINTS = ("after-map", "after-ingress", "after-ifb", "after-clsact", "after-filter")
+
+
+def trigger(point: str) -> None:
+    name, _, action = (settings.get("BWPLUGIN_FAULT") or "").partition(":")
+    if name == point:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise IOFailureError(f"injected fault at {point}")
+
+
+def _after(fn: Callable[..., Any], point_of: Callable[..., str | None]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        point = point_of(*args, **kwargs)
+        if point:
+            trigger(point)
+        return out
+
+    return wrapped
+
+
+def _point_of_root(nl: Any, index: int, what: str, *args: Any, **kwargs: Any) -> str:
+    return "after-ingress" if what == "ingress" else "after-ifb"
+
+
+def _point_of_filter(nl: Any, index: int, hook: int, *args: Any, **kwargs: Any) -> str | None:
+    return "after-filter" if hook == tc.CLSACT_INGRESS else None  # the last one ADD attaches
+
+
+def install() -> None:
+    """The map entry (with its prefixes and pod), each root qdisc, the clsact and the
+    last filter. ADD alone sees the wrapped tc (the kernel probes keep the real one)."""
+    add._add_entry = _after(add._add_entry, lambda *a, **k: "after-map")
+    add._add_root = _after(add._add_root, _point_of_root)
+    add.tc = SimpleNamespace(  # type: ignore[assignment]
+        **{
+            **vars(tc),
+            "add_clsact": _after(tc.add_clsact, lambda *a, **k: "after-clsact"),
+            "add_bpf_filter": _after(tc.add_bpf_filter, _point_of_filter),
+        }
+    )
