@@ -50,14 +50,10 @@ def _point_of_filter(nl: Any, index: int, hook: int, *args: Any, **kwargs: Any) 
 
 
 def install() -> None:
-    """The map entry (with its prefixes and pod), each root qdisc, the clsact and the
-    last filter. ADD alone sees the wrapped tc (the kernel probes keep the real one)."""
+    """After each step of ADD has made its object and registered its undo: the map
+    entry (with its prefixes and pod), each root qdisc, the clsact, and the last
+    filter. ADD alone sees the wrapped tc (the kernel probes keep the real one)."""
     add._add_entry = _after(add._add_entry, lambda *a, **k: "after-map")
     add._add_root = _after(add._add_root, _point_of_root)
-    add.tc = SimpleNamespace(  # type: ignore[assignment]
-        **{
-            **vars(tc),
-            "add_clsact": _after(tc.add_clsact, lambda *a, **k: "after-clsact"),
-            "add_bpf_filter": _after(tc.add_bpf_filter, _point_of_filter),
-        }
-    )
+    add._add_clsact = _after(add._add_clsact, lambda *a, **k: "after-clsact")
+    add.tc = SimpleNamespace(**{**vars(tc), "add_bpf_filter": _after(tc.add_bpf_filter, _point_of_filter)})  # type: ignore[assignment]

@@ -93,7 +93,7 @@ def test_counters_survive_a_plugin_upgrade(lab: Lab, tmp_path: Path) -> None:
     (before,) = rows_of(lab, att.container_id)
 
     src = tmp_path / "bpf"
-    shutil.copytree(Path(bpf.__file__).resolve().parent.parent / "bpf", src)
+    shutil.copytree(bpf.source_path().parent, src)
     with open(src / "bwplugin.c", "a") as fh:
         fh.write("// a newer build\n")
     lab.runtime.extra_env["BWPLUGIN_BPF_DIR"] = str(src)

@@ -70,15 +70,13 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Li
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
     attach_id = _add_entry(progs, env, conf, host, undo)
     if bw.ingress:
-        _add_root(nl, host.index, "ingress", bw.ingress, conf, host.mtu)
-        undo.push(lambda: tc.delete_qdisc(nl, host.index, tc.TC_H_ROOT, tc.ROOT_HANDLE))
+        _add_root(nl, host.index, "ingress", bw.ingress, conf, host.mtu, undo)
     ifb = None
     if bw.egress:
         ifb = _add_ifb(nl, env, conf, host, attach_id, undo)
         bpf.attach_set_ifb(progs.map_fd, attach_id, ifb.index)
-        _add_root(nl, ifb.index, "egress", bw.egress, conf, host.mtu)
-    tc.add_clsact(nl, host.index)
-    undo.push(lambda: tc.delete_qdisc(nl, host.index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE))
+        _add_root(nl, ifb.index, "egress", bw.egress, conf, host.mtu, undo)
+    _add_clsact(nl, host.index, undo)
     to_pod = "bwp_to_pod"
     tc.add_bpf_filter(nl, host.index, tc.CLSACT_EGRESS, progs.fd(to_pod), progs.filter_name(to_pod), attach_id)
     from_pod, mirred_to = "bwp_from_pod", None
@@ -107,13 +105,19 @@ def _add_entry(progs: bpf.Programs, env: Env, conf: NetConf, host: HostVeth, und
     return attach_id
 
 
-def _add_root(nl: Netlink, index: int, what: str, d: Direction, conf: NetConf, mtu: int) -> None:
+def _add_root(nl: Netlink, index: int, what: str, d: Direction, conf: NetConf, mtu: int, undo: Undo) -> None:
     params = tbf_params(d, conf.policy, mtu)
     _report_policy(what, d, params, conf.policy)
     if conf.subnets:
         tc.add_htb(nl, index, params, default_shaped=not conf.subnets.listed_shaped, mtu=mtu)
     else:
         tc.add_tbf(nl, index, params)
+    undo.push(lambda: tc.delete_qdisc(nl, index, tc.TC_H_ROOT, tc.ROOT_HANDLE))
+
+
+def _add_clsact(nl: Netlink, index: int, undo: Undo) -> None:
+    tc.add_clsact(nl, index)
+    undo.push(lambda: tc.delete_qdisc(nl, index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE))
 
 
 def _add_ifb(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, attach_id: int, undo: Undo) -> Link:
