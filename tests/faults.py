@@ -3,8 +3,10 @@
 The test lab runs `import tests.faults; tests.faults.install()` first in every
 plugin process and agent it starts (bench.lab.lab.PRELUDE, set by conftest). It
 wraps the steps ADD takes, so that ADD fails, or its process is SIGKILLed, right
-after one of them. BWPLUGIN_FAULT=<point>[:kill] in the request's environment
-picks the step; without it nothing changes."""
+after one of them. The step is picked by BWPLUGIN_FAULT=<point>[:kill]: in the
+plugin process's environment, or, for an agent (which takes nothing but CNI_*
+from a request), in the file its own BWPLUGIN_FAULT_FILE names. Without either,
+nothing changes. Lab.set_fault() sets both."""
 
 from __future__ import annotations
 
@@ -22,8 +24,16 @@ from bwplugin.datapath import tc
 POINTS = ("after-map", "after-ingress", "after-ifb", "after-clsact", "after-filter")
 
 
+def spec() -> str:
+    path = os.environ.get("BWPLUGIN_FAULT_FILE")
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            return fh.read().strip()
+    return settings.get("BWPLUGIN_FAULT") or ""
+
+
 def trigger(point: str) -> None:
-    name, _, action = (settings.get("BWPLUGIN_FAULT") or "").partition(":")
+    name, _, action = spec().partition(":")
     if name == point:
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

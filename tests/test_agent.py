@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -42,10 +43,10 @@ def test_socket_is_root_only(agent_lab: Lab) -> None:
 def test_agent_killed_mid_add_then_restarted_converges(agent_lab: Lab) -> None:
     lab = agent_lab
     pod = lab.pod("a")
-    lab.runtime.extra_env["BWPLUGIN_FAULT"] = "after-clsact:kill"  # the agent dies inside ADD
+    lab.set_fault("after-clsact:kill")  # the agent dies inside ADD
     with pytest.raises(PluginFailed) as err:
         lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
-    del lab.runtime.extra_env["BWPLUGIN_FAULT"]
+    lab.set_fault(None)
     assert err.value.error["code"] == 11 and "agent failed during ADD" in err.value.error["msg"]
     assert lab.agent is not None and lab.agent.wait(timeout=10) == -9
     lab.agent = None
@@ -101,12 +102,17 @@ def test_malformed_request_gets_an_answer(agent_lab: Lab) -> None:
         sock.sendall(b"garbage\n")
         sock.shutdown(socket.SHUT_WR)
         code, out, err = decode_reply(sock.makefile("rb").read())
-    assert code == 1 and out == b"" and b"malformed request" in err
+    assert code == 1 and b"malformed request" in err
+    answer = json.loads(out)  # a spec error the runtime can read
+    assert answer["code"] == 5 and "malformed request" in answer["msg"]
 
 
-def test_framing_roundtrip() -> None:
-    env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=1;B=x=y", "BWPLUGIN_FAULT": ""}
-    raw = encode_request(env, b'{"a": 1}')
+def test_framing_roundtrip_carries_the_cni_protocol_only() -> None:
+    """A request's BWPLUGIN_* (or any other) variables never reach the agent's
+    settings: they could pick the C source it compiles, where it pins and writes."""
+    env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=1;B=x=y"}
+    steer = {"BWPLUGIN_BPF_DIR": "/tmp/evil", "BWPLUGIN_PIN_DIR": "/tmp/pins", "PATH": "/tmp", "LD_PRELOAD": "x"}
+    raw = encode_request({**env, **steer}, b'{"a": 1}')
     head, _, rest = raw.partition(b"\n")
     pos = 0
 

@@ -21,10 +21,10 @@ def test_add_killed_then_del_cleans_and_retry_completes(point: str) -> None:
         pod = lab.pod("a")
         conflist = lab.conflist(shaper())
         rc = bandwidth(ingress=10_000_000, egress=10_000_000)
-        lab.runtime.extra_env["BWPLUGIN_FAULT"] = f"{point}:kill"
+        lab.set_fault(f"{point}:kill")
         with pytest.raises(PluginFailed) as err:
             lab.attach(pod, conflist, rc)
-        del lab.runtime.extra_env["BWPLUGIN_FAULT"]
+        lab.set_fault(None)
         assert err.value.rc == -9 and err.value.plugin == "bwplugin"
         pod.attachment.delete()  # what the runtime does after a failed ADD
         assert settled_ifbs(lab.node) == []

@@ -289,10 +289,10 @@ def test_check_detects_unexpected_shaping(lab: Lab) -> None:
 def test_add_failure_rolls_back(lab: Lab, point: str) -> None:
     pod = lab.pod("a")
     before = map_ids()
-    lab.runtime.extra_env["BWPLUGIN_FAULT"] = point
+    lab.set_fault(point)
     with pytest.raises(PluginFailed) as err:
         lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
-    lab.runtime.extra_env.clear()
+    lab.set_fault(None)
     assert err.value.plugin == "bwplugin" and err.value.error["code"] == 5
     assert f"injected fault at {point}" in err.value.error["msg"]
     kv = view(lab.node)

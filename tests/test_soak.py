@@ -48,10 +48,10 @@ def test_soak_add_del_cycles_leak_nothing() -> None:
                 n = batch * BATCH + i
                 conflist = conflists[n % 3]
                 if n % 7 == 3:
-                    lab.runtime.extra_env["BWPLUGIN_FAULT"] = "after-map"
+                    lab.set_fault("after-map")
                     with pytest.raises(PluginFailed):
                         lab.attach(pod, conflist, bandwidth(ingress=5_000_000 + n, egress=5_000_000 + n))
-                    del lab.runtime.extra_env["BWPLUGIN_FAULT"]
+                    lab.set_fault(None)
                     faults += 1
                 else:
                     lab.attach(pod, conflist, bandwidth(ingress=5_000_000 + n, egress=5_000_000 + n)).check()

@@ -139,9 +139,22 @@ class Lab:
 
     # ------------------------------------------------------------ the agent
 
+    def set_fault(self, spec: str | None) -> None:
+        """For tests whose PRELUDE installs fault hooks: the step at which the next
+        ADDs fail, in-process (the plugin's env) and in the agent (a file it reads)."""
+        fault_file = self.tmp / "fault"
+        if spec:
+            self.runtime.extra_env["BWPLUGIN_FAULT"] = spec
+            fault_file.write_text(spec)
+        else:
+            self.runtime.extra_env.pop("BWPLUGIN_FAULT", None)
+            fault_file.unlink(missing_ok=True)
+
     def start_agent(self) -> None:
         """The node agent, in the node namespace (it must live in the host netns)."""
-        env = dict(os.environ)  # carries the private pin and run directories
+        # its settings are its own: the private pin and run directories, and where
+        # the tests' fault hooks look for their switch
+        env = {**os.environ, "BWPLUGIN_FAULT_FILE": str(self.tmp / "fault")}
         log = open(self.tmp / "agent.log", "ab")  # noqa: SIM115 (owned by the process)
         self.agent = subprocess.Popen(
             ["nsenter", f"--net={self.node}", sys.executable, "-c", f"{PRELUDE}\n{AGENT}",

@@ -10,6 +10,7 @@ restarted at any time. It must run in the host network namespace."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -17,8 +18,10 @@ import signal
 import socket
 import socketserver
 import stat
+import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,13 +33,20 @@ from ..datapath.netlink import Link, Netlink
 from .client import DEFAULT_SOCKET, FORWARDED
 
 MAX_HEADER = 64  # bytes of the "<env> <stdin>" length line
-MAX_BODY = 16 << 20
+MAX_ENV = 64 << 10  # the CNI_* variables
+MAX_STDIN = 1 << 20  # a config with its prevResult: a few KB in practice
+MAX_CLIENTS = 32  # requests served at once; further clients wait in the listen backlog
+CLIENT_TIMEOUT = 10.0  # s a client may take to send its request (a slow one is cut off)
+DRAIN_TIMEOUT = 30.0  # s that requests in flight at SIGTERM get to finish
 
 
 def decode_request(head: bytes, read: Callable[[int], bytes]) -> tuple[dict[str, str], bytes]:
+    """Only the CNI protocol travels: CNI_* variables and stdin. The agent's own
+    settings (pin and run directories, the C source) are its own environment's,
+    never the caller's."""
     env_len, stdin_len = (int(x) for x in head.split())
-    if not (0 <= env_len <= MAX_BODY and 0 <= stdin_len <= MAX_BODY):
-        raise ValueError("request too large")
+    if not (0 <= env_len <= MAX_ENV and 0 <= stdin_len <= MAX_STDIN):
+        raise ValueError(f"request too large ({env_len} + {stdin_len} bytes)")
     block, stdin = read(env_len), read(stdin_len)
     if len(block) != env_len or len(stdin) != stdin_len:
         raise ValueError("truncated request")
@@ -48,6 +58,16 @@ def decode_request(head: bytes, read: Callable[[int], bytes]) -> tuple[dict[str,
     return env, stdin
 
 
+def error_reply(code: int, msg: str) -> bytes:
+    """A CNI error the client prints as it is, so the runtime sees a spec answer."""
+    return encode_reply(1, {"cniVersion": "1.1.0", "code": code, "msg": msg}, [f"bwplugin agent: {msg}"])
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
 def encode_reply(code: int, out: dict[str, Any] | None, log: list[str]) -> bytes:
     body = (json.dumps(out) + "\n").encode() if out is not None else b""
     err = "".join(line + "\n" for line in log).encode()
@@ -55,23 +75,83 @@ def encode_reply(code: int, out: dict[str, Any] | None, log: list[str]) -> bytes
 
 
 class Handler(socketserver.StreamRequestHandler):
+    timeout = CLIENT_TIMEOUT  # a client that never finishes its request is cut off
+
     def handle(self) -> None:
-        head = self.rfile.readline(MAX_HEADER)
-        if not head:
-            return  # a readiness probe: connected and closed
+        uid = peer_uid(self.request)
+        if uid != 0:  # the socket's mode says so too; this holds even if someone changes it
+            self._refuse(f"the bwplugin agent serves root only (peer uid {uid})")
+            return
         try:
+            head = self.rfile.readline(MAX_HEADER)
+            if not head:
+                return  # a readiness probe: connected and closed
             env, stdin = decode_request(head, self.rfile.read)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.wfile.write(encode_reply(1, None, [f"bwplugin agent: malformed request: {exc}"]))
+        except (ValueError, UnicodeDecodeError, OSError) as exc:  # OSError: the client timed out
+            self._refuse(f"malformed request: {exc}")
             return
         lines: list[str] = []
         with settings.request(env, lines):
             code, out = cli.run(env, stdin)
-        self.wfile.write(encode_reply(code, out, lines))
+        with contextlib.suppress(OSError):  # the client may be gone; the work is done
+            self.wfile.write(encode_reply(code, out, lines))
+
+    def _refuse(self, msg: str) -> None:
+        """Answer with a CNI error, then read (a bounded amount of) what the client
+        still sends: closing on unread data would reset the connection before the
+        client reads the answer."""
+        with contextlib.suppress(OSError):
+            self.wfile.write(error_reply(5, msg))
+            self.wfile.flush()
+            self.request.shutdown(socket.SHUT_WR)
+            left = MAX_HEADER + MAX_ENV + MAX_STDIN
+            while left > 0 and (chunk := self.request.recv(min(left, 65536))):
+                left -= len(chunk)
 
 
 class Server(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True  # a stuck request must not block shutdown
+    """At most MAX_CLIENTS requests at once (bounded threads and memory), and a
+    count of those in flight, so that a stop can let them finish."""
+
+    request_queue_size = 128  # the listen backlog: clients beyond it block in connect()
+    daemon_threads = True  # past DRAIN_TIMEOUT a stuck request must not block the stop
+    block_on_close = False  # serve() waits for requests in flight itself, with a bound
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, Handler)
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.idle = threading.Condition()
+        self.in_flight = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.slots.acquire()  # blocks accepting while MAX_CLIENTS are served
+        with self.idle:
+            self.in_flight += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self.idle:
+            self.in_flight -= 1
+            self.idle.notify_all()
+        self.slots.release()
+
+    def wait_idle(self, timeout: float) -> int:
+        """Wait for the requests in flight; returns how many are still running."""
+        deadline = time.monotonic() + timeout
+        with self.idle:
+            while self.in_flight and (left := deadline - time.monotonic()) > 0:
+                self.idle.wait(left)
+            return self.in_flight
 
 
 class Releaser:
@@ -125,18 +205,20 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 def serve(path: Path, ready: threading.Event | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)  # root only: CNI requests change the node's network
+    if not path.parent.exists():
+        # a directory of our own, root only; an existing one (say /run) is left as it is
+        path.parent.mkdir(parents=True)
+        os.chmod(path.parent, 0o700)
     _remove_stale_socket(path)
     swept = sweep_orphans()  # before serving: the socket appearing means ready
     old_umask = os.umask(0o177)
     try:
-        server = Server(str(path), Handler)
+        server = Server(str(path))
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    os.chmod(path, 0o600)  # root only: CNI requests change the node's network
 
-    def stop(signum: int, _frame: object) -> None:
+    def stop(_signum: int, _frame: object) -> None:
         threading.Thread(target=server.shutdown).start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -150,12 +232,15 @@ def serve(path: Path, ready: threading.Event | None = None) -> None:
     try:
         server.serve_forever()
     finally:
+        # stop accepting (clients not yet accepted fail, and their runtimes retry),
+        # let the requests in flight finish, then release the ifbs they left
         server.server_close()
         if path.exists():
             path.unlink()
+        stuck = server.wait_idle(DRAIN_TIMEOUT)
         delete.ifb_releaser = None
         releaser.drain()
-        print("bwplugin agent: stopped", file=sys.stderr, flush=True)
+        print(f"bwplugin agent: stopped ({stuck} request(s) still running)", file=sys.stderr, flush=True)
 
 
 def main() -> int:

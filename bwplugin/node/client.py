@@ -17,7 +17,7 @@ import os
 import sys
 
 DEFAULT_SOCKET = "/run/bwplugin/agent.sock"
-FORWARDED = ("CNI_", "BWPLUGIN_")
+FORWARDED = ("CNI_",)  # the CNI protocol only: the agent's settings are its own
 TRY_AGAIN = 11  # CNI "try again later"
 AF_UNIX, SOCK_STREAM, SHUT_WR = 1, 1, 1
 
