@@ -25,7 +25,7 @@ from .cni.config import (
     parse_netconf,
     parse_version,
 )
-from .cni.errors import CNIError, InvalidConfigError, KernelError
+from .cni.errors import CNIError, DecodeError, InvalidConfigError, KernelError
 from .cni.protocol import version_output
 from .commands import add, check, delete, gc, status
 
@@ -85,6 +85,8 @@ def _run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] 
         return 0, None
     except CNIError as exc:
         return 1, exc.to_json(_error_version(doc))
+    except RecursionError:  # a config nested deeper than Python can walk: hostile input
+        return 1, DecodeError("network config is nested too deeply").to_json(_error_version(None))
     except OSError as exc:  # netlink or bpf syscall failure not mapped above
         return 1, KernelError(str(exc)).to_json(_error_version(doc))
     except Exception as exc:  # a bug: still answer in the spec's format

@@ -15,14 +15,17 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench.lab.lab import Lab
 from bench.lab.libcni import PluginFailed, plugin_conf
-from bwplugin.datapath import bpf
+from bwplugin.commands import gc
+from bwplugin.datapath import bpf, tc
 from bwplugin.datapath.naming import ifb_name
+from bwplugin.datapath.netlink import Netlink
 from bwplugin.node.agent import CLIENT_TIMEOUT, MAX_CLIENTS
 from bwplugin.node.client import decode_reply, encode_request
 
@@ -257,3 +260,54 @@ def test_sigterm_during_a_burst_of_adds_finishes_or_fails_cleanly(agent_lab: Lab
     for name, link in kv.links.items():
         if link["kind"] == "veth" and name not in ours:
             assert kv.tbf(name) is None and not kv.has_clsact(name), name
+
+
+# ---------------------------------------------------------------- the start-up sweep
+
+
+def orphans(lab: Lab) -> list[str]:
+    with Netlink.in_netns(lab.node) as nl:
+        return [link.name for link in gc.orphan_ifbs(nl)]
+
+
+def test_the_sweep_never_deletes_on_missing_evidence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the agent's start-up sweep would delete, case by case: an ifb is an
+    orphan only when no map entry claims it and no filter steers to it."""
+    with Lab() as lab:
+        pod = lab.pod("a")
+        att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=RATE))
+        ifb, veth = att.result["interfaces"][-1]["name"], host_veth(pod)
+        attach_id = int(view(lab.node).links[ifb]["alias"].split(" id=")[1].split()[0])
+        fd = bpf.open_map()
+        assert fd is not None
+        entry = bpf.attach_get(fd, attach_id)
+        assert entry is not None
+        try:
+            assert orphans(lab) == []  # live
+
+            # the attach map cannot be opened (another pin dir, a layout bump, bpffs remounted)
+            with monkeypatch.context() as m:
+                m.setenv("BWPLUGIN_PIN_DIR", f"/sys/fs/bpf/bwpt-nothing-{lab.tag}")
+                assert orphans(lab) == []
+
+            # an ADD under way: the ifb labelled, its index not yet in the entry, no filter yet
+            lab.run(lab.node, "tc", "qdisc", "del", "dev", veth, "clsact")
+            bpf.map_update(fd, bpf.attach_key(attach_id), replace(entry, ifb_index=0).pack(), bpf.BPF_EXIST)
+            assert orphans(lab) == []
+
+            # filters still steer to it though the map has no entry for it (an older layout's)
+            bpf.map_delete(fd, bpf.attach_key(attach_id))
+            lab.run(lab.node, "tc", "qdisc", "add", "dev", veth, "clsact")
+            prog = bpf.open_pinned()
+            assert prog is not None
+            with Netlink.in_netns(lab.node) as nl:
+                index = nl.link(name=veth).index
+                tc.add_bpf_filter(nl, index, tc.CLSACT_INGRESS, prog.fd("bwp_from_pod"), "bwplugin:x", attach_id)
+            prog.close()
+            assert orphans(lab) == []
+
+            # nothing claims it and nothing steers to it: an orphan
+            lab.run(lab.node, "tc", "qdisc", "del", "dev", veth, "clsact")
+            assert orphans(lab) == [ifb]
+        finally:
+            bpf.close_fds(fd)

@@ -197,6 +197,27 @@ def test_del_twice_and_without_prev_result(lab: Lab) -> None:
     assert_clean(lab, veth)
 
 
+def test_del_whose_netns_leads_to_another_pod_leaves_that_pod_alone(lab: Lab) -> None:
+    """Without prevResult, CNI_NETNS (a reused /proc/<pid>/ns/net, say) can lead to
+    another pod's veth: DEL touches a veth only with proof that it is this
+    attachment's (its map entry or its ifb), so pod b stays shaped."""
+    a, b = lab.pod("a"), lab.pod("b")
+    conflist = lab.conflist(shaper())
+    lab.attach(a, conflist, bandwidth(ingress=10_000_000, egress=10_000_000))
+    att_b = lab.attach(b, conflist, bandwidth(ingress=20_000_000, egress=20_000_000))
+    veth_a = host_veth(a)
+    conf = shaper_conf(a, command_result=False)
+    inv = lab.runtime.exec(
+        "bwplugin", "DEL", conf, container_id=a.attachment.container_id, netns=b.netns, ifname="eth0"
+    )  # a's container ID and network, b's netns
+    assert (inv.rc, inv.stdout) == (0, ""), inv.stderr
+    att_b.check()  # b untouched
+    # a's objects, found by its map entries, are gone; b's ifb is the only one left
+    assert settled_ifbs(lab.node) == [att_b.result["interfaces"][-1]["name"]]
+    kv = view(lab.node)
+    assert kv.tbf(veth_a) is None and not kv.has_clsact(veth_a)
+
+
 def test_del_after_netns_is_gone(lab: Lab) -> None:
     pod = lab.pod("a")
     lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))

@@ -227,6 +227,8 @@ def decode(stdin: bytes | str) -> dict[str, Any]:
         doc = json.loads(stdin)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError("failed to decode network config from stdin", str(exc)) from exc
+    except RecursionError as exc:  # hostile input: thousands of nested arrays
+        raise DecodeError("failed to decode network config from stdin: nested too deeply") from exc
     if not isinstance(doc, dict):
         raise DecodeError(f"network config must be a JSON object, got {type(doc).__name__}")
     return doc

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from ..cni.config import Env, NetConf
 from ..cni.errors import HostInterfaceError, InvalidConfigError, InvalidEnvError
-from ..datapath import bpf
-from ..datapath.naming import ifb_name
+from ..datapath import bpf, tc
+from ..datapath.naming import ifb_name, parse_alias
 from ..datapath.netlink import Link, Netlink
 from .common import find_host_veth, owner_of, teardown_host
 
@@ -20,7 +20,7 @@ ifb_releaser: Callable[[Link], None] | None = None
 def cmd_del(env: Env, conf: NetConf) -> None:
     """Best effort and idempotent: remove whatever of ours is still there. The map
     entries (found by owner) say where the filters and qdiscs went even when the
-    netns, the ifb or prevResult is gone."""
+    netns, the ifb or prevResult is gone, and are the proof needed to touch a veth."""
     owner = owner_of(conf, env)
     with Netlink() as nl:
         ifb = nl.link(name=ifb_name(conf.name, env.container_id, env.ifname))
@@ -30,11 +30,14 @@ def cmd_del(env: Env, conf: NetConf) -> None:
         map_fd, lpm_fd = bpf.open_map(), bpf.open_lpm()
         try:
             entries = bpf.owner_entries(map_fd, owner) if map_fd is not None else {}
-            if host_index is not None:
-                teardown_host(nl, host_index)  # the pod's own veth: ours whatever it carries
+            if host_index is not None and _ifb_vouches_for(nl, ifb, host_index):
+                teardown_host(nl, host_index)  # its map entry is gone, but its ifb names the veth
             for attach_id, entry in entries.items():
-                if entry.host_index != host_index:
-                    teardown_host(nl, entry.host_index, attach_id)  # only if its filters prove it
+                # a veth is touched only with proof that its objects are this attachment's:
+                # its map entry names it and CNI_NETNS leads to it, or its filters carry the
+                # entry's id. CNI_NETNS alone proves nothing: without prevResult, a reused
+                # /proc/<pid>/ns/net can lead to another pod's veth.
+                teardown_host(nl, entry.host_index, None if entry.host_index == host_index else attach_id)
             for attach_id in entries:
                 assert map_fd is not None
                 bpf.release(map_fd, lpm_fd, attach_id)
@@ -54,3 +57,10 @@ def _del_host_index(nl: Netlink, env: Env, conf: NetConf) -> int | None:
         except (HostInterfaceError, InvalidEnvError, InvalidConfigError, OSError):
             pass  # the pod side is half gone; the map entries say where we were
     return None
+
+
+def _ifb_vouches_for(nl: Netlink, ifb: Link | None, host_index: int) -> bool:
+    """This attachment's ifb (ours by its hashed name) records the veth's ifindex and
+    the attachment id, and the veth's filters carry that id: proof without the map."""
+    label = parse_alias(ifb.alias) if ifb is not None else None
+    return label is not None and label.host_index == host_index and tc.our_classid(nl, host_index) == label.attach_id

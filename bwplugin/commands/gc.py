@@ -3,11 +3,9 @@ lists, and the ifbs nothing can reach any more."""
 
 from __future__ import annotations
 
-import os
-
 from ..cni.config import NetConf
 from ..cni.errors import IOFailureError
-from ..datapath import bpf
+from ..datapath import bpf, tc
 from ..datapath.naming import IFB_PREFIX, ifb_name, network_tag, parse_alias
 from ..datapath.netlink import Link, Netlink
 from .common import teardown_host
@@ -70,19 +68,27 @@ def delete_ifb_if_same(nl: Netlink, old: Link) -> bool:
 
 
 def orphan_ifbs(nl: Netlink) -> list[Link]:
-    """Our ifbs whose attachment id no longer maps to them: left by a DEL whose
-    deferred release never ran (the agent died). Nothing can redirect to them."""
+    """Our ifbs that nothing can reach any more: left by a DEL whose deferred release
+    never ran (the agent died). Never deleted on missing evidence: with no attach map
+    to read (another pin dir, a layout bump, bpffs remounted) nothing is an orphan;
+    an ifb whose map entry claims it (ifb index 0: an ADD is under way) is not; nor
+    one that its veth's filter still steers to (that filter carries its id)."""
     map_fd = bpf.open_map()
+    if map_fd is None:
+        return []
     try:
         out = []
         for link in nl.links():
             label = parse_alias(link.alias)
             if link.kind != "ifb" or label is None or not link.name.startswith(IFB_PREFIX):
                 continue
-            entry = bpf.attach_get(map_fd, label.attach_id) if map_fd is not None else None
-            if entry is None or entry.ifb_index != link.index:
-                out.append(link)
+            entry = bpf.attach_get(map_fd, label.attach_id)
+            if entry is not None and entry.ifb_index in (0, link.index):
+                continue  # live, or its ADD has not recorded it yet
+            host = nl.link(index=label.host_index)
+            if host is not None and host.kind == "veth" and tc.our_classid(nl, host.index) == label.attach_id:
+                continue  # still steered to (an older build's filter, say)
+            out.append(link)
         return out
     finally:
-        if map_fd is not None:
-            os.close(map_fd)
+        bpf.close_fds(map_fd)

@@ -478,7 +478,8 @@ def programs() -> Programs:
     return progs
 
 
-LOCK_WAIT = 150.0  # s: longer than a compile can take (the child is killed at 120 s)
+COMPILE_TIMEOUT = 120.0  # s: the compiler child is killed past this
+LOCK_WAIT = 150.0  # s: longer than a compile can take (the child is killed at COMPILE_TIMEOUT)
 
 
 @contextlib.contextmanager
@@ -511,7 +512,10 @@ def compile_in_child() -> None:
     import subprocess  # ~7 ms to import: only a cold compile needs it
 
     argv = [sys.executable, "-I", "-c", _CHILD, json.dumps(sys.path), str(source_path()), str(pin_dir())]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:  # an overloaded node: the runtime retries
+        raise TryAgainLaterError(f"compiling the eBPF programs took over {COMPILE_TIMEOUT:g} s; killed") from exc
     if proc.returncode != 0:
         lines = proc.stdout.strip().splitlines()
         msg = lines[-1] if lines else f"the compiler process exited with {proc.returncode}"
