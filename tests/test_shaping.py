@@ -75,3 +75,21 @@ def test_htb_leaf_holds_two_gso_packets_but_follows_latency_above():
     assert low.limit == 31_250 and htb_leaf_limit(low) == 2 * (65536 + 1514)
     high = tbf_params(Direction(1_000_000_000, 4294967295), Policy())
     assert htb_leaf_limit(high) == high.limit == 3_125_000
+
+
+def test_htb_bucket_is_clamped_not_wrapped_at_32_bits():
+    """10 Mbit/s, containerd's burst, no maxBurstMs cap: 429.5 s of bucket, which
+    HTB's u32 ticks cannot hold. Clamped to the largest (~274.9 s), never wrapped
+    (which gave 154.6 s)."""
+    p = tbf_params(Direction(10_000_000, CONTAINERD_BURST), Policy(max_burst_ms=0))
+    assert p.htb_clamped and p.htb_buffer_ticks == 2**32 - 1
+    assert (p.burst * 10**9 // p.rate // 64) & (2**32 - 1) == p.buffer_ticks  # what TBF's dump shows
+    assert abs(p.htb_buffer_ticks * 64 / 1e9 - 274.88) < 0.01
+    # monotonic: a bigger bucket never gives a smaller HTB bucket
+    ticks = [
+        tbf_params(Direction(10_000_000, b), Policy(max_burst_ms=0)).htb_buffer_ticks
+        for b in range(8, CONTAINERD_BURST, 2**27)
+    ]
+    assert ticks == sorted(ticks)
+    small = tbf_params(Direction(10_000_000, 80_000), Policy())
+    assert not small.htb_clamped and small.htb_buffer_ticks == small.buffer_ticks

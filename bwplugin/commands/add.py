@@ -13,7 +13,7 @@ from ..cni.settings import log
 from ..datapath import bpf, probe, tc
 from ..datapath.naming import IfbLabel, format_alias, ifb_name, network_tag
 from ..datapath.netlink import Link, Netlink, NetlinkError
-from ..datapath.shaping import TBFParams, tbf_params
+from ..datapath.shaping import NS_PER_TICK, U32_MAX, TBFParams, tbf_params
 from .common import HostVeth, Undo, entry_flags, find_host_veth, owner_of
 
 
@@ -109,6 +109,9 @@ def _add_root(nl: Netlink, index: int, what: str, d: Direction, conf: NetConf, m
     params = tbf_params(d, conf.policy, mtu)
     _report_policy(what, d, params, conf.policy)
     if conf.subnets:
+        if params.htb_clamped:
+            largest = NS_PER_TICK * U32_MAX / 1e9
+            log(f"{what} burst {params.burst} B clamped to HTB's largest bucket, {largest:.1f} s at the rate")
         tc.add_htb(nl, index, params, default_shaped=not conf.subnets.listed_shaped, mtu=mtu)
     else:
         tc.add_tbf(nl, index, params)

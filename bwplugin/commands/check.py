@@ -67,7 +67,7 @@ def _check_root(
     leaf = nl.qdisc(index, tc.CLASS_SHAPED)
     limit = tc.bfifo_limit(leaf) if leaf is not None else None
     actual = (shaped.rate, limit or 0, shaped.buffer_ticks) if shaped else None
-    expected = (want.rate, htb_leaf_limit(want, mtu), want.buffer_ticks)
+    expected = (want.rate, htb_leaf_limit(want, mtu), want.htb_buffer_ticks)
     _compare(problems, f"{what} class b0d0:1", expected, actual)
     if tc.CLASS_UNSHAPED not in classes:
         problems.append(f"{what}: unshaped class b0d0:2 missing")

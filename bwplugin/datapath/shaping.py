@@ -28,8 +28,20 @@ class TBFParams:
 
     @property
     def buffer_ticks(self) -> int:
-        """tc_tbf_qopt.buffer as the kernel dumps it (u32, wraps for huge buckets)."""
+        """tc_tbf_qopt.buffer as the kernel dumps it (u32, wraps for huge buckets).
+        TBF itself holds the bucket in 64-bit ns, set from TCA_TBF_BURST: only the dump wraps."""
         return (self.burst * 10**9 // self.rate // NS_PER_TICK) & U32_MAX
+
+    @property
+    def htb_buffer_ticks(self) -> int:
+        """An HTB class's bucket, which the kernel takes as u32 ticks and nothing wider:
+        clamped (at ~275 s of the rate), never wrapped (10 Mbit/s with containerd's
+        512 MiB burst would wrap 429.5 s to 154.6 s)."""
+        return min(self.burst * 10**9 // self.rate // NS_PER_TICK, U32_MAX)
+
+    @property
+    def htb_clamped(self) -> bool:
+        return self.burst * 10**9 // self.rate // NS_PER_TICK > U32_MAX
 
 
 def burst_floor(rate: int, mtu: int) -> int:

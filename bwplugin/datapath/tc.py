@@ -168,7 +168,7 @@ def add_htb(nl: Netlink, index: int, params: TBFParams, default_shaped: bool, mt
     unshaped_burst = 64 * 1024 + mtu + 14
     unshaped_ticks = unshaped_burst * 10**9 // UNSHAPED_RATE // 64 + 1
     for classid, rate, ticks, limit in (
-        (CLASS_SHAPED, params.rate, params.buffer_ticks, htb_leaf_limit(params, mtu)),
+        (CLASS_SHAPED, params.rate, params.htb_buffer_ticks, htb_leaf_limit(params, mtu)),
         (CLASS_UNSHAPED, UNSHAPED_RATE, unshaped_ticks, UNSHAPED_LIMIT),
     ):
         opt = _HTB_OPT.pack(*_ratespec(rate), *_ratespec(rate), ticks, ticks, htb_quantum(rate, mtu), 0, 0)

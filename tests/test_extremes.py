@@ -1,0 +1,75 @@
+"""TBF and HTB fields at their extremes on a real kernel: the slowest and fastest
+rates, the largest bucket and queue. ADD makes them, CHECK accepts them, and tc(8)
+(not bwplugin's netlink code) reads back what the kernel holds."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from bench.lab.lab import Lab
+
+from .conftest import host_veth, shaper
+
+pytestmark = pytest.mark.kernel
+
+CONTAINERD_BURST = 4294967295
+PBIT = 10**15
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab() as the_lab:
+        yield the_lab
+
+
+def tbf_of(lab: Lab, dev: str) -> dict:
+    (q,) = [q for q in json.loads(lab.run(lab.node, "tc", "-j", "qdisc", "show", "dev", dev, "root").stdout)]
+    return q
+
+
+def htb_shaped_class(lab: Lab, dev: str) -> tuple[int, int]:
+    """(rate bits/s, bucket in ticks) of class b0d0:1, from `tc -raw class show`."""
+    text = lab.run(lab.node, "tc", "-raw", "class", "show", "dev", dev, "classid", "b0d0:1").stdout
+    rate = re.search(r"\brate ([\d.]+)([KMGT]?)bit\b", text)
+    buffer = re.search(r"\bbuffer \[([0-9a-f]+)\]", text)
+    assert rate and buffer, text
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[rate.group(2)]
+    return round(float(rate.group(1)) * scale), int(buffer.group(1), 16)
+
+
+@pytest.mark.parametrize(
+    "rate, burst, extra",
+    [
+        (1_000, 8, {"latencyMs": 10_000}),  # slowest rate, smallest burst, longest queue
+        (PBIT, CONTAINERD_BURST, {"maxBurstMs": 60_000}),  # fastest rate (64-bit), largest bucket and queue
+        (10_000_000, 8 * (2**32 - 1) - 1, {"maxBurstMs": 0}),  # the largest burst CNI allows, uncapped
+    ],
+)
+def test_tbf_extremes_are_made_checked_and_read_back(lab: Lab, rate: int, burst: int, extra: dict) -> None:
+    pod = lab.pod(f"t{len(lab.pods)}")
+    conf = shaper(ingressRate=rate, ingressBurst=burst, egressRate=rate, egressBurst=burst, **extra)
+    att = lab.attach(pod, lab.conflist(conf))
+    att.check()
+    q = tbf_of(lab, host_veth(pod))
+    assert q["kind"] == "tbf" and q["options"]["rate"] == rate // 8  # 64-bit rates held exactly
+    lab.remove_pod(pod)
+
+
+@pytest.mark.parametrize("rate", [1_000, 10_000_000, PBIT])
+def test_htb_bucket_at_the_32_bit_limit_is_clamped_not_wrapped(lab: Lab, rate: int) -> None:
+    """Subnet mode, containerd's burst with no maxBurstMs cap: HTB's u32 tick bucket
+    cannot hold it. The kernel must hold the largest bucket HTB can (~274.9 s at
+    the rate, or the whole burst if that is less), never a wrapped one."""
+    pod = lab.pod(f"h{len(lab.pods)}")
+    conf = shaper(unshapedSubnets=["10.99.0.0/16"], maxBurstMs=0, ingressRate=rate, ingressBurst=CONTAINERD_BURST)
+    att = lab.attach(pod, lab.conflist(conf))
+    att.check()  # CHECK compares the clamped value, not a wrapped one
+    held_rate, ticks = htb_shaped_class(lab, host_veth(pod))
+    assert held_rate == rate
+    wanted = (CONTAINERD_BURST // 8) * 10**9 // (rate // 8) // 64  # the whole burst, in 64 ns ticks
+    assert ticks == min(wanted, 2**32 - 1), (ticks, wanted)  # clamped where it would wrap
+    lab.remove_pod(pod)
