@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -108,9 +111,16 @@ def test_probes_leave_nothing_behind(lab: Lab, programs: bpf.Programs) -> None:
     assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == before_ns
 
 
-def test_a_compile_lock_held_too_long_is_try_again_later(lab: Lab, tmp_path) -> None:
+def test_a_compile_lock_held_too_long_is_try_again_later(tmp_path) -> None:
     """A process that finds the node lock held (a compile in progress) waits, but not
-    without bound: then it answers code 11 and leaves nothing behind."""
+    without bound: then it answers code 11 and leaves nothing behind. In-process:
+    the settings it needs (a fresh pin dir, a short wait) are the plugin process's;
+    an agent takes none from a request, and runs the same code."""
+    with Lab() as lab:
+        _lock_held(lab, tmp_path)
+
+
+def _lock_held(lab: Lab, tmp_path: Path) -> None:
     import fcntl
 
     run_dir = tmp_path / "run"
@@ -134,10 +144,6 @@ def test_status_without_bcc_or_kernel_headers_is_not_ready(tmp_path) -> None:
     headers are missing: STATUS says so (code 50). Run in a private mount
     namespace whose /lib/modules/<release> is an empty directory, by a Python
     without Debian's dist-packages (where bcc lives)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     release = os.uname().release
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -147,7 +153,8 @@ def test_status_without_bcc_or_kernel_headers_is_not_ready(tmp_path) -> None:
         f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = [{json.dumps(str(repo))}]; "
         "from bwplugin.cli import main; raise SystemExit(main())'"
     )
-    env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_PIN_DIR": str(tmp_path / "no-pins"), "PATH": os.environ["PATH"]}
+    env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_PIN_DIR": str(tmp_path / "no-pins"),
+           "BWPLUGIN_RUN_DIR": str(tmp_path / "run"), "PATH": os.environ["PATH"]}  # fmt: skip
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
         input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, env=env,
@@ -157,3 +164,31 @@ def test_status_without_bcc_or_kernel_headers_is_not_ready(tmp_path) -> None:
     assert "bcc (python3-bpfcc) is not installed" in err["msg"]
     assert f"kernel headers are missing (/lib/modules/{release}/build)" in err["msg"]
     assert os.path.isdir(f"/lib/modules/{release}/build")  # the real node is untouched
+
+
+def test_status_probes_once_per_boot_and_changes_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runtimes poll STATUS: the kind probe (a throwaway netns) runs once per boot and
+    program version, and STATUS never mounts bpffs (in a private mount namespace
+    where it is unmounted, it stays unmounted)."""
+    monkeypatch.setenv("BWPLUGIN_RUN_DIR", str(tmp_path / "run"))
+    calls = []
+    real = probe.in_fresh_netns
+    monkeypatch.setattr(probe, "in_fresh_netns", lambda fn: calls.append(1) or real(fn))
+    for _ in range(3):
+        assert status_problems() == []
+    assert len(calls) == 1
+    assert len(list((tmp_path / "run").glob("kinds.*"))) == 1
+
+    paths = json.dumps([str(Path(__file__).resolve().parent.parent), "/usr/lib/python3/dist-packages"])
+    script = (
+        "umount /sys/fs/bpf 2>/dev/null; "
+        f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = {paths}; "
+        "from bwplugin.cli import main; raise SystemExit(main())'; "
+        "mountpoint -q /sys/fs/bpf && echo mounted || echo unmounted"
+    )
+    env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_RUN_DIR": str(tmp_path / "run2"), "PATH": os.environ["PATH"]}
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout.decode().strip().splitlines()[-1] == "unmounted", (proc.stdout, proc.stderr)

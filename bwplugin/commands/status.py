@@ -6,18 +6,16 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..cni.errors import BPFUnavailableError, NotAvailableError
+from ..cni.errors import NotAvailableError
 from ..datapath import bpf, probe
 
 
 def status_problems(kinds: tuple[str, ...] = ("tbf", "htb", "clsact")) -> list[str]:
+    """What stops this node from shaping. Runtimes poll STATUS: it changes nothing
+    (no bpffs mount: the first ADD does that) and probes the kernel's kinds once
+    per boot and program version."""
     problems = []
-    if not os.path.ismount(bpf.BPFFS):
-        try:
-            bpf.ensure_bpffs()
-        except BPFUnavailableError as exc:
-            problems.append(exc.msg)
-    progs = bpf.open_pinned()
+    progs = bpf.open_pinned() if os.path.ismount(bpf.BPFFS) else None
     if progs is None:
         # first ADD will compile: it needs bcc and kernel headers
         if importlib.util.find_spec("bcc") is None:
@@ -26,7 +24,7 @@ def status_problems(kinds: tuple[str, ...] = ("tbf", "htb", "clsact")) -> list[s
         if not build.exists():
             problems.append(f"kernel headers are missing ({build}) and no compiled program is pinned")
     try:
-        missing = probe.missing_kinds(kinds, progs)
+        missing = probe.missing_kinds_cached(kinds, progs)
     except OSError as exc:
         missing = [f"(the probe itself failed: {exc})"]
     finally:

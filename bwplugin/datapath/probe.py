@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import socket
 import time
@@ -150,6 +152,26 @@ def redirect_honoured(progs: bpf.Programs, program: str = "bwp_from_pod") -> boo
             bpf.map_delete(progs.map_fd, bpf.attach_key(0))
 
     return in_fresh_netns(run)
+
+
+def missing_kinds_cached(kinds: tuple[str, ...], progs: bpf.Programs | None) -> list[str]:
+    """missing_kinds, probed once per boot, kernel, kind list and program version:
+    runtimes poll STATUS, and a probe builds a throwaway netns each time."""
+    key = f"{os.uname().release} {_boot_id()} {','.join(kinds)} {progs.version if progs else '-'}"
+    run_dir = Path(settings.get("BWPLUGIN_RUN_DIR") or "/run/bwplugin")
+    cache = run_dir / f"kinds.{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key and isinstance(cached.get("missing"), list):
+            return [str(m) for m in cached["missing"]]
+    except (OSError, ValueError, AttributeError):
+        pass  # not probed yet (or a torn file): probe
+    missing = missing_kinds(kinds, progs)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "missing": missing}))
+    os.replace(tmp, cache)
+    return missing
 
 
 def _boot_id() -> str:
