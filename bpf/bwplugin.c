@@ -99,6 +99,45 @@ static __always_inline int bwp_listed(struct __sk_buff *skb, __u32 id, int peer_
     return bwp_subnets.lookup(&key) != 0;
 }
 
+// A GSO packet as the qdiscs count it (qdisc_pkt_len_init): its segments, and
+// its length plus the headers each further segment repeats. Counted the same
+// way, offered = sent + dropped + queued holds for TCP, not only for UDP.
+static __always_inline void bwp_wire_size(struct __sk_buff *skb, __u64 *packets, __u64 *bytes)
+{
+    __u32 len = skb->len, gso = skb->gso_size, segs = skb->gso_segs, hdr = ETH_HLEN;
+    __u8 byte = 0, proto = 0;
+    *packets = 1;
+    *bytes = len;
+    if (!gso)
+        return;  // not a GSO packet
+    if (skb->protocol == BWP_HTONS(0x0800)) {
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &byte, 1) < 0 || bpf_skb_load_bytes(skb, ETH_HLEN + 9, &proto, 1) < 0)
+            return;
+        hdr += (byte & 0xf) * 4;  // IPv4 header length (ihl)
+    } else if (skb->protocol == BWP_HTONS(0x86DD)) {
+        if (bpf_skb_load_bytes(skb, ETH_HLEN + 6, &proto, 1) < 0)
+            return;
+        hdr += 40;  // GSO packets carry no IPv6 extension headers here
+    } else {
+        return;
+    }
+    if (proto == 6) {  // TCP: data offset, in 32-bit words, in the high nibble of byte 12
+        if (bpf_skb_load_bytes(skb, hdr + 12, &byte, 1) < 0)
+            return;
+        hdr += (byte >> 4) * 4;
+    } else if (proto == 17) {
+        hdr += 8;  // UDP
+    } else {
+        return;
+    }
+    if (segs == 0 && len > hdr)
+        segs = (len - hdr + gso - 1) / gso;
+    if (segs > 1) {
+        *packets = segs;
+        *bytes = len + (__u64)(segs - 1) * hdr;
+    }
+}
+
 // Counts the packet and, when this direction is split by subnets, picks its HTB
 // class. Returns 1 if the packet is shaped.
 static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *val, __u32 id, int from_pod)
@@ -115,8 +154,10 @@ static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *va
         c = shaped ? &val->from_pod_shaped : &val->from_pod_unshaped;
     else
         c = shaped ? &val->to_pod_shaped : &val->to_pod_unshaped;
-    __sync_fetch_and_add(&c->packets, 1);
-    __sync_fetch_and_add(&c->bytes, skb->len);
+    __u64 packets, bytes;
+    bwp_wire_size(skb, &packets, &bytes);
+    __sync_fetch_and_add(&c->packets, packets);
+    __sync_fetch_and_add(&c->bytes, bytes);
     return shaped;
 }
 

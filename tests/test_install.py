@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -41,7 +42,33 @@ def test_without_an_agent_socket_the_executable_falls_back(tmp_path: Path) -> No
     assert out.returncode == 0 and "supportedVersions" in out.stdout
 
 
-def test_systemd_unit() -> None:
-    unit = systemd_unit_text("/opt/x/python")
-    assert "ExecStart=/opt/x/python -m bwplugin.node.agent --socket /run/bwplugin/agent.sock" in unit
+def test_systemd_unit_runs_the_agent_from_the_copy() -> None:
+    unit = systemd_unit_text("/opt/x/lib")
+    assert "ExecStart=/opt/x/lib/bwplugin-agent --socket /run/bwplugin/agent.sock" in unit
     assert "Restart=always" in unit and "WantedBy=multi-user.target" in unit
+
+
+def test_the_default_install_runs_root_owned_code_not_the_checkout(tmp_path: Path, monkeypatch) -> None:
+    """bwplugin-install's default is a copy of the package under /opt/bwplugin/lib,
+    owned by root and writable by root only, with launchers that name only it."""
+    from bwplugin.node import install as installer
+
+    assert installer.DEFAULT_LIB == "/opt/bwplugin/lib"
+    lib, checkout = tmp_path / "lib", str(installer.PACKAGE_ROOT)
+    monkeypatch.setattr("sys.argv", ["bwplugin-install", "--dir", str(tmp_path / "bin"), "--lib", str(lib)])
+    assert installer.main() == 0
+    for launcher in (tmp_path / "bin" / "bwplugin", lib / "bwplugin-agent"):
+        text = launcher.read_text()
+        assert str(lib) in text and checkout not in text, text
+    for path in (lib, *lib.rglob("*")):
+        st = path.stat()
+        assert st.st_mode & 0o022 == 0, path  # nobody but the owner writes
+        if os.geteuid() == 0:
+            assert st.st_uid == 0, path
+    # an upgrade swaps the copy whole: a module the new version lacks is gone
+    (lib / "bwplugin" / "stale.py").write_text("")
+    assert installer.main() == 0
+    assert not (lib / "bwplugin" / "stale.py").exists() and (lib / "bwplugin" / "node" / "agent.py").exists()
+    # the agent's launcher runs the agent from the copy
+    out = subprocess.run([str(lib / "bwplugin-agent"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--socket" in out.stdout

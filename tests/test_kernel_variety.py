@@ -192,3 +192,29 @@ def test_status_probes_once_per_boot_and_changes_nothing(tmp_path, monkeypatch: 
         input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, env=env,
     )  # fmt: skip
     assert proc.stdout.decode().strip().splitlines()[-1] == "unmounted", (proc.stdout, proc.stderr)
+
+
+def test_bpf_calls_go_through_libbpf_and_status_says_when_it_is_missing(tmp_path) -> None:
+    """Portability (arm64 as well as x86_64): no bpf(2) syscall number or hand-packed
+    attribute struct in the product, and a node without libbpf is reported by
+    STATUS (code 50) rather than failing every ADD. Run in a private mount
+    namespace in which the library file is hidden."""
+    package = Path(__file__).resolve().parent.parent / "bwplugin"
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert "SYS_BPF" not in text and "syscall(" not in text, path
+    listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    lib = next(line.split("=>")[1].strip() for line in listing.splitlines() if "libbpf.so.1 " in line)
+    paths = json.dumps([str(package.parent), "/usr/lib/python3/dist-packages"])
+    script = (
+        f"mount --bind /dev/null {os.path.realpath(lib)} && "
+        f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = {paths}; "
+        "from bwplugin.cli import main; raise SystemExit(main())'"
+    )
+    env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_RUN_DIR": str(tmp_path / "run"), "PATH": os.environ["PATH"]}
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, env=env,
+    )  # fmt: skip
+    err = json.loads(proc.stdout)
+    assert proc.returncode == 1 and err["code"] == 50 and "libbpf" in err["msg"], (err, proc.stderr)

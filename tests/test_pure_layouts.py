@@ -43,7 +43,8 @@ def test_lpm_keys_put_the_id_and_family_before_the_prefix():
 
 
 def _row(cid: str = 'c"1') -> AttachmentStats:
-    q = QueueStats(rate_bps=10_000_000, sent_bytes=1000, sent_packets=10, drops=3, overlimits=4, backlog_bytes=0)
+    q = QueueStats(rate_bps=10_000_000, sent_bytes=1000, sent_packets=10, drops=3, overlimits=4, backlog_bytes=0,
+                   backlog_packets=0)  # fmt: skip
     return AttachmentStats(
         attach_id=5, namespace="ns-a", pod="pod-1", pod_uid="u-1", container_id=cid, ifname="eth0",
         host_veth="veth1", ifb="bwplabc",

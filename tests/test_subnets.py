@@ -15,7 +15,7 @@ import pytest
 
 from bench.lab.lab import Lab, Pod
 from bench.lab.libcni import PluginFailed, plugin_conf
-from bench.lab.measure import Sampler, iperf_goodput
+from bench.lab.measure import TCP_GOODPUT_CEILING, Sampler, iperf_goodput
 from bwplugin.datapath import bpf
 
 from .conftest import bandwidth, host_veth, shaper
@@ -163,3 +163,38 @@ def test_htb_logs_no_kernel_warnings(lab: Lab) -> None:
         lab.attach(lab.pod(name), conflist, bandwidth(ingress=rate, egress=rate))
     lines = subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()[before:]
     assert not [line for line in lines if "htb" in line.lower() or "quantum" in line.lower()], lines
+
+
+def test_big_tcp_gso_packets_fit_the_shaped_htb_leaf(lab1: Lab) -> None:
+    """BIG TCP (gso_max_size 185000 on the pod's veth pair) lets the pod's TCP build
+    GSO packets past 64 KiB. HTB never segments, so the shaped leaf is sized from
+    the devices' real limit (two packets), read at ADD, and CHECK compares the
+    same; TCP through the shaped class over IPv6 (BIG TCP's family) holds."""
+    lab = lab1
+    big = 185_000
+    conflist = lab.conflist(None, subnet6=SUBNET6)
+    slow, pod = lab.pod("slow"), lab.pod("a")
+    lab.attach(slow, conflist)
+    att = lab.attach(pod, conflist)  # ptp first: BIG TCP is on before bwplugin's ADD
+    veth = host_veth(pod)
+    for netns, dev in ((pod.netns, "eth0"), (lab.node, veth)):
+        lab.run(netns, "ip", "link", "set", "dev", dev, "gso_max_size", str(big), "gro_max_size", str(big))
+    shaped = shaper(shapedSubnets=[f"{slow.ip}/32", f"{slow.ip6}/128"])
+    conf = plugin_conf(att.conflist, shaped, att.result, bandwidth(ingress=RATE, egress=RATE))
+    add = lab.exec_shaper("ADD", pod, conf)
+    assert add.rc == 0, add.stdout
+    result = json.loads(add.stdout)
+    try:
+        ifb = result["interfaces"][-1]["name"]
+        check = lab.exec_shaper("CHECK", pod, {**conf, "prevResult": result})
+        assert check.rc == 0, check.stdout
+        for dev in (veth, ifb):
+            leaves = json.loads(lab.run(lab.node, "tc", "-j", "qdisc", "show", "dev", dev).stdout)
+            (leaf,) = [q for q in leaves if q.get("parent") == "b0d0:1"]
+            assert leaf["kind"] == "bfifo" and leaf["options"]["limit"] >= 2 * big, leaf
+        wait_dad(lab, slow, pod)
+        lab.iperf_server(slow, any_address=True)
+        goodput = iperf_goodput(lab.iperf(pod, slow, seconds=3, server_ip=slow.ip6))
+        assert goodput > 0.85 * TCP_GOODPUT_CEILING * RATE, goodput
+    finally:
+        lab.exec_shaper("DEL", pod, {**conf, "prevResult": result})

@@ -70,12 +70,12 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Li
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
     attach_id = _add_entry(progs, env, conf, host, undo)
     if bw.ingress:
-        _add_root(nl, host.index, "ingress", bw.ingress, conf, host.mtu, undo)
+        _add_root(nl, host.index, "ingress", bw.ingress, conf, host, undo)
     ifb = None
     if bw.egress:
         ifb = _add_ifb(nl, env, conf, host, attach_id, undo)
         bpf.attach_set_ifb(progs.map_fd, attach_id, ifb.index)
-        _add_root(nl, ifb.index, "egress", bw.egress, conf, host.mtu, undo)
+        _add_root(nl, ifb.index, "egress", bw.egress, conf, host, undo)
     _add_clsact(nl, host.index, undo)
     to_pod = "bwp_to_pod"
     tc.add_bpf_filter(nl, host.index, tc.CLSACT_EGRESS, progs.fd(to_pod), progs.filter_name(to_pod), attach_id)
@@ -105,8 +105,9 @@ def _add_entry(progs: bpf.Programs, env: Env, conf: NetConf, host: HostVeth, und
     return attach_id
 
 
-def _add_root(nl: Netlink, index: int, what: str, d: Direction, conf: NetConf, mtu: int, undo: Undo) -> None:
-    params = tbf_params(d, conf.policy, mtu)
+def _add_root(nl: Netlink, index: int, what: str, d: Direction, conf: NetConf, host: HostVeth, undo: Undo) -> None:
+    mtu = host.mtu
+    params = tbf_params(d, conf.policy, mtu, host.gso_max)
     _report_policy(what, d, params, conf.policy)
     if conf.subnets:
         if params.htb_clamped:

@@ -28,7 +28,7 @@ def cmd_check(env: Env, conf: NetConf) -> None:
             if filters or tc.is_our_root(tc.root_qdisc(nl, host.index)) or ifb is not None:
                 problems.append(f"{host.name}: shaped by bwplugin but no rate is configured")
         else:
-            _check_root(nl, problems, f"ingress qdisc on {host.name}", host.index, bw.ingress, conf, host.mtu)
+            _check_root(nl, problems, f"ingress qdisc on {host.name}", host.index, bw.ingress, conf, host)
             if bw.egress:
                 if ifb is None or ifb.kind != "ifb":
                     problems.append(f"ifb {name}: missing")
@@ -36,7 +36,7 @@ def cmd_check(env: Env, conf: NetConf) -> None:
                 else:
                     if not ifb.up:
                         problems.append(f"ifb {name}: down")
-                    _check_root(nl, problems, f"egress qdisc on {name}", ifb.index, bw.egress, conf, host.mtu)
+                    _check_root(nl, problems, f"egress qdisc on {name}", ifb.index, bw.egress, conf, host)
             elif ifb is not None:
                 problems.append(f"ifb {name}: present but no egress rate is configured")
             _check_steering(nl, problems, env, conf, host, filters, ifb)
@@ -45,14 +45,15 @@ def cmd_check(env: Env, conf: NetConf) -> None:
 
 
 def _check_root(
-    nl: Netlink, problems: list[str], what: str, index: int, d: Direction | None, conf: NetConf, mtu: int
+    nl: Netlink, problems: list[str], what: str, index: int, d: Direction | None, conf: NetConf, host: HostVeth
 ) -> None:
+    mtu = host.mtu
     q = tc.root_qdisc(nl, index)
     if d is None:
         if tc.is_our_root(q):
             problems.append(f"{what}: present but this direction has no rate")
         return
-    want = tbf_params(d, conf.policy, mtu)
+    want = tbf_params(d, conf.policy, mtu, host.gso_max)
     kind = "htb" if conf.subnets else "tbf"
     if q is None or q.kind != kind or q.handle != tc.ROOT_HANDLE:
         problems.append(f"{what}: expected bwplugin's {kind} b0d0:, found {q.kind if q is not None else 'none'}")

@@ -38,6 +38,7 @@ class HostVeth:
     index: int
     name: str
     mtu: int
+    gso_max: int  # the largest GSO packet either end of the pair may build or pass
 
 
 def open_netns(path: str) -> Netlink:
@@ -71,7 +72,7 @@ def find_host_veth(nl: Netlink, env: Env, result: dict[str, Any] | None) -> Host
         raise HostInterfaceError(
             f"host veth {host.name!r} of {env.ifname!r} is not among prevResult's host interfaces {names}"
         )
-    return HostVeth(host.index, host.name, host.mtu or 1500)
+    return HostVeth(host.index, host.name, host.mtu or 1500, max(host.gso_max, link.gso_max))
 
 
 def entry_flags(conf: NetConf) -> int:

@@ -29,6 +29,7 @@ class QueueStats:
     drops: int
     overlimits: int
     backlog_bytes: int
+    backlog_packets: int
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _queue(nl: Netlink, index: int) -> QueueStats | None:
         shaped = tc.htb_classes(nl, index).get(tc.CLASS_SHAPED)
         rate = shaped.rate if shaped else 0
     s = tc.qdisc_stats(q)
-    return QueueStats(rate * 8, s.bytes, s.packets, s.drops, s.overlimits, s.backlog)
+    return QueueStats(rate * 8, s.bytes, s.packets, s.drops, s.overlimits, s.backlog, s.qlen)
 
 
 def collect(netns: str | None = None) -> list[AttachmentStats]:

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..cni.errors import NotAvailableError
+from ..cni.errors import BPFUnavailableError, NotAvailableError
 from ..datapath import bpf, probe
 
 
@@ -15,6 +15,10 @@ def status_problems(kinds: tuple[str, ...] = ("tbf", "htb", "clsact")) -> list[s
     (no bpffs mount: the first ADD does that) and probes the kernel's kinds once
     per boot and program version."""
     problems = []
+    try:
+        bpf.libbpf()
+    except BPFUnavailableError as exc:  # every bpf(2) call goes through it
+        return [exc.msg]
     progs = bpf.open_pinned() if os.path.ismount(bpf.BPFFS) else None
     if progs is None:
         # first ADD will compile: it needs bcc and kernel headers

@@ -26,9 +26,6 @@ from ..cni import settings
 from ..cni.errors import BPFUnavailableError, TryAgainLaterError
 from .naming import attachment_digest
 
-SYS_BPF = 321  # x86_64
-BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY = 1, 2, 3, 4
-BPF_OBJ_PIN, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_MAP_LOOKUP_BATCH = 6, 7, 15, 24
 BPF_NOEXIST, BPF_EXIST = 1, 2
 
 BPFFS = "/sys/fs/bpf"
@@ -65,79 +62,90 @@ def lock_path() -> Path:
     return Path(settings.get("BWPLUGIN_RUN_DIR") or "/run/bwplugin") / "bpf.lock"
 
 
-# ---------------------------------------------------------------- syscalls
+# ---------------------------------------------------------------- bpf(2), through libbpf
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+# libbpf (Debian's libbpf1) makes the bpf(2) calls: the syscall number and the
+# attribute layout are the library's business, on every architecture a node runs.
+LIBBPF = "libbpf.so.1"
+_lib: ctypes.CDLL | None = None
 
 
-def _bpf(cmd: int, attr: bytes) -> tuple[int, bytes]:
-    buf = ctypes.create_string_buffer(attr, 128)
-    ret = _libc.syscall(SYS_BPF, cmd, buf, 128)
+def libbpf() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        try:
+            lib = ctypes.CDLL(LIBBPF, use_errno=True)
+        except OSError as exc:
+            raise BPFUnavailableError(f"libbpf ({LIBBPF}, Debian package libbpf1) cannot be loaded: {exc}") from exc
+        for name in (
+            "bpf_obj_get",
+            "bpf_obj_pin",
+            "bpf_obj_get_info_by_fd",
+            "bpf_map_lookup_elem",
+            "bpf_map_update_elem",
+            "bpf_map_delete_elem",
+            "bpf_map_get_next_key",
+            "bpf_map_lookup_batch",
+        ):
+            getattr(lib, name).restype = ctypes.c_int
+        lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+        _lib = lib  # fmt: skip
+    return _lib
+
+
+def _check(ret: int) -> int:
+    """libbpf 1.x returns -errno on failure."""
     if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret, buf.raw
+        raise OSError(-ret, os.strerror(-ret))
+    return ret
 
 
 def obj_get(path: str | Path) -> int:
-    p = ctypes.create_string_buffer(str(path).encode())
-    return _bpf(BPF_OBJ_GET, struct.pack("=QII", ctypes.addressof(p), 0, 0))[0]
+    return _check(libbpf().bpf_obj_get(str(path).encode()))
 
 
 def obj_pin(fd: int, path: str | Path) -> None:
-    p = ctypes.create_string_buffer(str(path).encode())
-    _bpf(BPF_OBJ_PIN, struct.pack("=QII", ctypes.addressof(p), fd, 0))
+    _check(libbpf().bpf_obj_pin(fd, str(path).encode()))
 
 
 def obj_id(fd: int) -> int:
     """The kernel id of a prog or map fd (bpf_{prog,map}_info.id at offset 4)."""
     info = ctypes.create_string_buffer(256)
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 256, ctypes.addressof(info)))
+    size = ctypes.c_uint32(256)
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)))
     return int(struct.unpack_from("=I", info.raw, 4)[0])
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
-    k = ctypes.create_string_buffer(key)
     v = ctypes.create_string_buffer(value_size)
-    try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, struct.pack("=IxxxxQQQ", fd, ctypes.addressof(k), ctypes.addressof(v), 0))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
+    ret = libbpf().bpf_map_lookup_elem(fd, key, v)
+    if ret == -errno.ENOENT:
+        return None
+    _check(ret)
     return v.raw
 
 
 def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
-    k, v = ctypes.create_string_buffer(key), ctypes.create_string_buffer(value)
-    _bpf(BPF_MAP_UPDATE_ELEM, struct.pack("=IxxxxQQQ", fd, ctypes.addressof(k), ctypes.addressof(v), flags))
+    _check(libbpf().bpf_map_update_elem(fd, key, value, flags))
 
 
 def map_delete(fd: int, key: bytes) -> bool:
-    k = ctypes.create_string_buffer(key)
-    try:
-        _bpf(BPF_MAP_DELETE_ELEM, struct.pack("=IxxxxQQQ", fd, ctypes.addressof(k), 0, 0))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
+    ret = libbpf().bpf_map_delete_elem(fd, key)
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret)
     return True
 
 
 def map_keys(fd: int, key_size: int) -> list[bytes]:
     keys: list[bytes] = []
-    prev = None
+    prev: bytes | None = None
     nxt = ctypes.create_string_buffer(key_size)
     while True:
-        cur = ctypes.create_string_buffer(prev) if prev is not None else None
-        attr = struct.pack("=IxxxxQQ", fd, ctypes.addressof(cur) if cur else 0, ctypes.addressof(nxt))
-        try:
-            _bpf(BPF_MAP_GET_NEXT_KEY, attr)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return keys
-            raise
+        ret = libbpf().bpf_map_get_next_key(fd, prev, nxt)
+        if ret == -errno.ENOENT:
+            return keys
+        _check(ret)
         prev = nxt.raw
         keys.append(prev)
 
@@ -153,19 +161,13 @@ def map_items(fd: int, key_size: int, value_size: int, chunk: int = 1024) -> lis
     first = True
     while True:
         count = ctypes.c_uint32(chunk)
-        attr = struct.pack(
-            "=QQQQIIQQ",
-            0 if first else ctypes.addressof(token_in), ctypes.addressof(token_out),
-            ctypes.addressof(keys), ctypes.addressof(values), chunk, fd, 0, 0,
-        )  # fmt: skip
-        buf = ctypes.create_string_buffer(attr, 128)
-        ret = _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_BATCH, buf, 128)
-        err = ctypes.get_errno() if ret < 0 else 0
-        if ret < 0 and err != errno.ENOENT:
-            if first and err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # kernel < 5.6
+        ret = libbpf().bpf_map_lookup_batch(
+            fd, None if first else token_in, token_out, keys, values, ctypes.byref(count), None
+        )
+        if ret < 0 and ret != -errno.ENOENT:
+            if first and -ret in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # kernel < 5.6
                 return [(k, v) for k in map_keys(fd, key_size) if (v := map_lookup(fd, k, value_size)) is not None]
-            raise OSError(err, os.strerror(err))
-        count.value = struct.unpack_from("=I", buf.raw, 32)[0]
+            _check(ret)
         kraw, vraw = keys.raw, values.raw  # .raw copies the whole buffer: once per batch
         for i in range(count.value):
             out.append((kraw[i * key_size : (i + 1) * key_size], vraw[i * value_size : (i + 1) * value_size]))

@@ -42,6 +42,8 @@ RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK = 1, 3, 4, 5
 IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64 = 18, 20, 23
+# IFLA_GSO_MAX_SIZE, IFLA_GRO_MAX_SIZE, IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE (6.3+)
+IFLA_GSO_GRO_MAX_SIZES = (41, 58, 63, 64)
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFF_UP = 0x1
@@ -136,6 +138,7 @@ class Link:
     alias: str | None
     mac: str
     tx_packets: int = 0  # from IFLA_STATS64
+    gso_max: int = 65536  # the largest GSO/GRO packet it may build or pass (BIG TCP: more)
 
     @property
     def up(self) -> bool:
@@ -157,6 +160,7 @@ def parse_link(payload: bytes) -> Link:
         alias=attr_str(attrs, IFLA_IFALIAS),
         mac=":".join(f"{b:02x}" for b in mac),
         tx_packets=_tx_packets(attrs.get(IFLA_STATS64)),
+        gso_max=max([65536, *(attr_u32(attrs, a) or 0 for a in IFLA_GSO_GRO_MAX_SIZES)]),
     )
 
 

@@ -25,6 +25,7 @@ class TBFParams:
     requested_burst: int  # what the config asked for, in bytes
     burst_capped: bool  # lowered by maxBurstMs
     burst_raised: bool  # raised to the floor (a few frames, or 64 KiB at high rates)
+    gso_max: int = 65536  # the largest GSO packet the devices may hand this qdisc
 
     @property
     def buffer_ticks(self) -> int:
@@ -51,16 +52,18 @@ def burst_floor(rate: int, mtu: int) -> int:
     return max(4 * frame, min(GSO_MAX, rate // 100))
 
 
-def queue_floor(mtu: int, burst: int = 0) -> int:
+def queue_floor(mtu: int, burst: int = 0, gso_max: int = GSO_MAX) -> int:
     """Smallest useful queue: 16 frames, so TCP at low rates is not starved, and two
     of the largest packets TBF lets through whole. TBF segments only GSO packets
     bigger than its bucket; one that is not segmented but does not fit the queue is
     dropped whole (44 segments at once), which stalls TCP into a retransmit timeout."""
-    largest = min(burst, GSO_MAX + mtu + ETH_HLEN)
+    largest = min(burst, gso_max + mtu + ETH_HLEN)
     return max(16 * (mtu + ETH_HLEN), 2 * largest)
 
 
-def tbf_params(direction: Direction, policy: Policy, mtu: int = 1500) -> TBFParams:
+def tbf_params(direction: Direction, policy: Policy, mtu: int = 1500, gso_max: int = GSO_MAX) -> TBFParams:
+    """gso_max: the largest GSO packet the pod's veth may carry (64 KiB, or more with
+    BIG TCP), so that the queues can hold two of them."""
     rate = max(1, direction.rate // 8)
     requested = direction.burst // 8
     floor = burst_floor(rate, mtu)
@@ -72,7 +75,7 @@ def tbf_params(direction: Direction, policy: Policy, mtu: int = 1500) -> TBFPara
             burst, capped = cap, True
     if burst < floor:
         burst, raised = floor, True
-    limit = max(int(rate * policy.latency_ms / 1000), queue_floor(mtu, burst))
+    limit = max(int(rate * policy.latency_ms / 1000), queue_floor(mtu, burst, gso_max))
     return TBFParams(
         rate=rate,
         burst=min(burst, U32_MAX),
@@ -80,6 +83,7 @@ def tbf_params(direction: Direction, policy: Policy, mtu: int = 1500) -> TBFPara
         requested_burst=requested,
         burst_capped=capped,
         burst_raised=raised,
+        gso_max=gso_max,
     )
 
 
@@ -88,4 +92,5 @@ def htb_leaf_limit(params: TBFParams, mtu: int = 1500) -> int:
     and a bfifo drops any packet that would overflow it, even into an empty queue:
     so it must hold two of the largest, whatever the latency bound says. (At
     10 Mbit/s that is ~107 ms of queue instead of 25 ms: the price of subnets.)"""
-    return min(max(params.limit, queue_floor(mtu, GSO_MAX + mtu + ETH_HLEN)), U32_MAX)
+    largest = params.gso_max + mtu + ETH_HLEN
+    return min(max(params.limit, queue_floor(mtu, largest, params.gso_max)), U32_MAX)

@@ -1,6 +1,7 @@
-"""Installs the plugin executable into a CNI bin directory (default /opt/cni/bin),
-optionally with a copy of the package (for a node that runs the agent from a
-container image: the executable runs on the host), and writes the agent's systemd unit."""
+"""Installs the plugin executable into a CNI bin directory (default /opt/cni/bin)
+and, by default, a root-owned copy of the package it runs from (/opt/bwplugin/lib):
+root runs this code for every pod, so it must not run from a checkout or a venv
+that another user can write. Also writes the agent's launcher and systemd unit."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from pathlib import Path
 from ..datapath.bpf import source_path
 
 DEFAULT_DIR = "/opt/cni/bin"
+DEFAULT_LIB = "/opt/bwplugin/lib"
+AGENT_LAUNCHER = "bwplugin-agent"  # in the lib directory
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # holds bwplugin/ and bpf/
 SYSTEM_PACKAGES = "/usr/lib/python3/dist-packages"  # Debian's bcc, needed only to compile
 
 
-def launcher_text(python: str | None = None, root: str | Path = PACKAGE_ROOT) -> str:
+def launcher_text(python: str | None = None, root: str | Path = PACKAGE_ROOT, module: str = "client") -> str:
     """-I: the runtime's environment (PYTHONPATH, user site) must not change the plugin.
     -S: no site processing (~12 ms here); the path is set explicitly instead."""
     python = python or os.path.realpath(sys.executable)
@@ -27,20 +30,43 @@ def launcher_text(python: str | None = None, root: str | Path = PACKAGE_ROOT) ->
         f"#!{python} -IS\n"
         f"import sys\n"
         f"sys.path[:0] = [{str(root)!r}, {SYSTEM_PACKAGES!r}]\n"
-        f"from bwplugin.node.client import main\n"
+        f"from bwplugin.node.{module} import main\n"
         f"raise SystemExit(main())\n"
     )
 
 
 def copy_package(lib: Path) -> None:
     """Every module of the package, and the eBPF C source (as lib/bpf/bwplugin.c, where
-    the copy looks for it), into lib/: the plugin needs nothing else at run time."""
+    the copy looks for it), into lib/: the plugin needs nothing else at run time.
+    Built beside it and swapped in, so an upgrade leaves no stale module behind;
+    root-owned, and writable by root only."""
+    new = lib.with_name(lib.name + ".new")
+    shutil.rmtree(new, ignore_errors=True)
     for src in (PACKAGE_ROOT / "bwplugin").rglob("*.py"):
-        dst = lib / src.relative_to(PACKAGE_ROOT)
+        dst = new / src.relative_to(PACKAGE_ROOT)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
-    (lib / "bpf").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source_path(), lib / "bpf" / "bwplugin.c")
+        shutil.copyfile(src, dst)
+    (new / "bpf").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source_path(), new / "bpf" / "bwplugin.c")
+    for path in (new, *new.rglob("*")):
+        if os.geteuid() == 0:
+            os.chown(path, 0, 0)
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    old = lib.with_name(lib.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if lib.exists():
+        os.rename(lib, old)
+    os.rename(new, lib)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_executable(target: Path, text: str) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    os.replace(tmp, target)  # atomic: a runtime never executes half a file
+    return target
 
 
 def install(
@@ -49,23 +75,19 @@ def install(
     lib: str | Path | None = None,
     lib_on_host: str | None = None,
 ) -> Path:
-    """lib: copy the package there; lib_on_host: where the host sees that copy
-    (when installing from a container with the host's disk mounted elsewhere)."""
+    """lib: copy the package there and run from the copy (lib=None: run from this
+    package where it is, for the test lab); lib_on_host: where the host sees that
+    copy (when installing from a container with the host's disk mounted elsewhere)."""
     root: str | Path = PACKAGE_ROOT
     if lib is not None:
         copy_package(Path(lib))
         root = lib_on_host or lib
-    target = Path(directory) / "bwplugin"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(".bwplugin.tmp")
-    tmp.write_text(launcher_text(python, root))
-    tmp.chmod(0o755)
-    os.replace(tmp, target)  # atomic: a runtime never executes half a file
-    return target
+        _write_executable(Path(lib) / AGENT_LAUNCHER, launcher_text(python, root, "agent"))
+    return _write_executable(Path(directory) / "bwplugin", launcher_text(python, root))
 
 
-def systemd_unit_text(python: str | None = None) -> str:
-    python = python or sys.executable  # the venv's, which sees the package and bcc
+def systemd_unit_text(lib: str | Path = DEFAULT_LIB) -> str:
+    """The agent runs from the root-owned copy too (its launcher in lib/)."""
     return f"""[Unit]
 Description=bwplugin node agent (CNI bandwidth shaping; the plugin works without it, slower)
 After=local-fs.target
@@ -74,7 +96,7 @@ Before=containerd.service crio.service kubelet.service
 [Service]
 Type=simple
 # root, in the host network namespace; state lives in the kernel and bpffs only
-ExecStart={python} -m bwplugin.node.agent --socket /run/bwplugin/agent.sock
+ExecStart={lib}/{AGENT_LAUNCHER} --socket /run/bwplugin/agent.sock
 Restart=always
 RestartSec=1
 KillSignal=SIGTERM
@@ -88,14 +110,14 @@ WantedBy=multi-user.target
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", default=os.environ.get("CNI_BIN_DIR", DEFAULT_DIR), help="CNI bin directory")
-    parser.add_argument("--lib", help="copy the package here and run the executable from the copy")
+    parser.add_argument("--lib", default=DEFAULT_LIB, help=f"where the root-owned copy goes (default {DEFAULT_LIB})")
     parser.add_argument("--lib-on-host", help="the path under which the host sees --lib")
     parser.add_argument("--python", help="interpreter for the executable (default: this one's real path)")
     parser.add_argument("--systemd-unit", metavar="PATH", help="also write the agent's systemd unit to PATH")
     args = parser.parse_args()
-    print(f"installed {install(args.dir, args.python, args.lib, args.lib_on_host)}")
+    print(f"installed {install(args.dir, args.python, args.lib, args.lib_on_host)}, running from {args.lib}")
     if args.systemd_unit:
-        Path(args.systemd_unit).write_text(systemd_unit_text())
+        Path(args.systemd_unit).write_text(systemd_unit_text(args.lib_on_host or args.lib))
         print(f"wrote {args.systemd_unit}: systemctl daemon-reload && systemctl enable --now bwplugin-agent")
     return 0
 
