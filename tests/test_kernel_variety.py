@@ -139,6 +139,26 @@ def _lock_held(lab: Lab, tmp_path: Path) -> None:
     assert not os.path.exists(env["BWPLUGIN_PIN_DIR"])  # nothing compiled or pinned
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def status_in_private_mounts(
+    setup: str, then: str = "", env: dict[str, str] | None = None, dist_packages: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    """STATUS run by the plugin's own interpreter line (-I -S) in a private mount
+    namespace, after `setup` (shell) has changed what that namespace sees."""
+    paths = json.dumps([str(REPO)] + (["/usr/lib/python3/dist-packages"] if dist_packages else []))
+    script = (
+        f"{setup}; {sys.executable} -I -S -c 'import sys; sys.path[:0] = {paths}; "
+        f"from bwplugin.cli import main; raise SystemExit(main())'; {then}"
+    )
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True,
+        env={"CNI_COMMAND": "STATUS", "PATH": os.environ["PATH"], **(env or {})},
+    )  # fmt: skip
+
+
 def test_status_without_bcc_or_kernel_headers_is_not_ready(tmp_path) -> None:
     """A node where nothing is compiled yet, bcc is not importable and the kernel
     headers are missing: STATUS says so (code 50). Run in a private mount
@@ -147,18 +167,8 @@ def test_status_without_bcc_or_kernel_headers_is_not_ready(tmp_path) -> None:
     release = os.uname().release
     empty = tmp_path / "empty"
     empty.mkdir()
-    repo = Path(__file__).resolve().parent.parent
-    script = (
-        f"mount --bind {empty} /lib/modules/{release} && "
-        f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = [{json.dumps(str(repo))}]; "
-        "from bwplugin.cli import main; raise SystemExit(main())'"
-    )
-    env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_PIN_DIR": str(tmp_path / "no-pins"),
-           "BWPLUGIN_RUN_DIR": str(tmp_path / "run"), "PATH": os.environ["PATH"]}  # fmt: skip
-    proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, env=env,
-    )  # fmt: skip
+    env = {"BWPLUGIN_PIN_DIR": str(tmp_path / "no-pins"), "BWPLUGIN_RUN_DIR": str(tmp_path / "run")}
+    proc = status_in_private_mounts(f"mount --bind {empty} /lib/modules/{release}", env=env, dist_packages=False)
     err = json.loads(proc.stdout)
     assert proc.returncode == 1 and err["code"] == 50, (err, proc.stderr)
     assert "bcc (python3-bpfcc) is not installed" in err["msg"]
@@ -179,18 +189,11 @@ def test_status_probes_once_per_boot_and_changes_nothing(tmp_path, monkeypatch: 
     assert len(calls) == 1
     assert len(list((tmp_path / "run").glob("kinds.*"))) == 1
 
-    paths = json.dumps([str(Path(__file__).resolve().parent.parent), "/usr/lib/python3/dist-packages"])
-    script = (
-        "umount /sys/fs/bpf 2>/dev/null; "
-        f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = {paths}; "
-        "from bwplugin.cli import main; raise SystemExit(main())'; "
-        "mountpoint -q /sys/fs/bpf && echo mounted || echo unmounted"
+    proc = status_in_private_mounts(
+        "umount /sys/fs/bpf 2>/dev/null",
+        then="mountpoint -q /sys/fs/bpf && echo mounted || echo unmounted",
+        env={"BWPLUGIN_RUN_DIR": str(tmp_path / "run2")},
     )
-    env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_RUN_DIR": str(tmp_path / "run2"), "PATH": os.environ["PATH"]}
-    proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, env=env,
-    )  # fmt: skip
     assert proc.stdout.decode().strip().splitlines()[-1] == "unmounted", (proc.stdout, proc.stderr)
 
 
@@ -199,22 +202,13 @@ def test_bpf_calls_go_through_libbpf_and_status_says_when_it_is_missing(tmp_path
     attribute struct in the product, and a node without libbpf is reported by
     STATUS (code 50) rather than failing every ADD. Run in a private mount
     namespace in which the library file is hidden."""
-    package = Path(__file__).resolve().parent.parent / "bwplugin"
-    for path in package.rglob("*.py"):
+    for path in (REPO / "bwplugin").rglob("*.py"):
         text = path.read_text()
         assert "SYS_BPF" not in text and "syscall(" not in text, path
     listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
     lib = next(line.split("=>")[1].strip() for line in listing.splitlines() if "libbpf.so.1 " in line)
-    paths = json.dumps([str(package.parent), "/usr/lib/python3/dist-packages"])
-    script = (
-        f"mount --bind /dev/null {os.path.realpath(lib)} && "
-        f"{sys.executable} -I -S -c 'import sys; sys.path[:0] = {paths}; "
-        "from bwplugin.cli import main; raise SystemExit(main())'"
+    proc = status_in_private_mounts(
+        f"mount --bind /dev/null {os.path.realpath(lib)}", env={"BWPLUGIN_RUN_DIR": str(tmp_path / "run")}
     )
-    env = {"CNI_COMMAND": "STATUS", "BWPLUGIN_RUN_DIR": str(tmp_path / "run"), "PATH": os.environ["PATH"]}
-    proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        input=b'{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, env=env,
-    )  # fmt: skip
     err = json.loads(proc.stdout)
     assert proc.returncode == 1 and err["code"] == 50 and "libbpf" in err["msg"], (err, proc.stderr)
