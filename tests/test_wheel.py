@@ -41,12 +41,18 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_a_wheel_installed_plugin_adds_checks_and_deletes_under_containerd(wheel_venv: Path) -> None:
+    lib = wheel_venv.parent / "lib"  # not the default /opt/bwplugin/lib: the test's own
+
     def wheel_install(bin_dir: Path) -> None:
-        subprocess.run([str(wheel_venv / "bin" / "bwplugin-install"), "--dir", str(bin_dir)], check=True)
+        cmd = [str(wheel_venv / "bin" / "bwplugin-install"), "--dir", str(bin_dir), "--lib", str(lib)]
+        subprocess.run(cmd, check=True)
 
     with Containerd(installer=wheel_install) as c:
         launcher = (c.dir / "bin" / "bwplugin").read_text()
-        assert str(wheel_venv) in launcher and str(ROOT) not in launcher  # runs the wheel, not the checkout
+        assert str(lib) in launcher and str(ROOT) not in launcher  # the root-owned copy, not the checkout
+        site = next(wheel_venv.glob("lib/python3*/site-packages/bwplugin"))
+        assert (lib / "bwplugin" / "cli.py").read_bytes() == (site / "cli.py").read_bytes()  # copied from the wheel
+        assert (lib / "bpf" / "bwplugin.c").read_bytes() == (site / "ebpf" / "bwplugin.c").read_bytes()
 
         annotations = {"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "20M"}
         pod = c.run_pod("pod-wheel", annotations)
