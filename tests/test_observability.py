@@ -17,6 +17,7 @@ from bwplugin.datapath import bpf
 
 from .conftest import bandwidth, host_veth, shaper
 from .oracle import settled_ifbs, view
+from .test_pure_layouts import samples
 
 pytestmark = pytest.mark.kernel
 RATE = 10_000_000
@@ -92,15 +93,11 @@ def test_stats_table_json_and_prometheus(lab: Lab, tmp_path: Path) -> None:
     stats(lab, "--prometheus", str(prom))
     text = prom.read_text()
     assert "# TYPE bwplugin_offered_bytes_total counter" in text
-    want = (
-        f'bwplugin_offered_bytes_total{{namespace="",pod="",container_id="{att.container_id}",ifname="eth0",'
-        f'host_veth="{veth}",direction="egress",class="shaped"}} {eg["shaped_bytes"]}'
-    )
-    assert want in text.splitlines()
-    labels = (
-        f'namespace="",pod="",container_id="{att.container_id}",ifname="eth0",host_veth="{veth}",direction="egress"'
-    )
-    assert f"bwplugin_rate_bits_per_second{{{labels}}} {RATE}" in text.splitlines()
+    got = samples(text)
+    base = {"namespace": "", "pod": "", "container_id": att.container_id, "ifname": "eth0", "host_veth": veth}
+    shaped_egress = frozenset({**base, "direction": "egress", "class": "shaped"}.items())
+    assert got[("bwplugin_offered_bytes_total", shaped_egress)] == eg["shaped_bytes"]
+    assert got[("bwplugin_rate_bytes_per_second", frozenset({**base, "direction": "egress"}.items()))] == RATE // 8
     assert [f.name for f in tmp_path.iterdir()] == ["bwplugin.prom"]  # written via a rename
 
     att.delete()

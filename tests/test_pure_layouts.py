@@ -4,8 +4,12 @@ with Python, and the stats output formats. No root needed."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from ipaddress import ip_network
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from bwplugin.commands.stats import AttachmentStats, DirectionStats, QueueStats, prometheus, table
 from bwplugin.datapath import bpf
@@ -53,21 +57,32 @@ def _row(cid: str = 'c"1') -> AttachmentStats:
     )  # fmt: skip
 
 
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The exposition, parsed by prometheus_client's own parser (label order and
+    number formatting differ between its versions)."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_prometheus_exposition_is_well_formed():
     text = prometheus([_row(), _row("other")])
     lines = text.splitlines()
-    sample = re.compile(r'^[a-z_]+\{([a-z_]+="([^"\\]|\\.)*",?)+\} \d+$|^[a-z_]+ \d+$')
+    sample = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)+\})? [0-9.e+]+$')
     for line in lines:
         assert line.startswith("# ") or sample.match(line), line
     # each family's HELP and TYPE appear once, before its samples
     assert text.count("# TYPE bwplugin_offered_bytes_total counter") == 1
     assert 'container_id="c\\"1"' in text  # label values are escaped
-    assert (
-        'bwplugin_qdisc_drops_total{namespace="ns-a",pod="pod-1",container_id="other",ifname="eth0",'
-        'host_veth="veth1",direction="egress"} 3' in lines
-    )
-    assert "bwplugin_attachments 2" in lines
-    assert not any('direction="ingress"' in line and line.startswith("bwplugin_qdisc") for line in lines)
+    got = samples(text)
+    base = {"namespace": "ns-a", "pod": "pod-1", "container_id": "other", "ifname": "eth0", "host_veth": "veth1"}
+    assert got[("bwplugin_qdisc_drops_total", frozenset({**base, "direction": "egress"}.items()))] == 3
+    # the base unit is bytes: 10 Mbit/s is 1.25 MB/s
+    assert got[("bwplugin_rate_bytes_per_second", frozenset({**base, "direction": "egress"}.items()))] == 1.25e6
+    assert got[("bwplugin_attachments", frozenset())] == 2
+    assert not any(name.startswith("bwplugin_qdisc") and ("direction", "ingress") in labels for name, labels in got)
 
 
 def test_table_has_one_row_per_attachment():
@@ -75,3 +90,14 @@ def test_table_has_one_row_per_attachment():
     assert len(out) == 3 and out[0].startswith("NAMESPACE/POD")
     assert out[1].startswith("ns-a/pod-1 ")
     assert "10M" in out[1] and "2/0" not in out[1] and "80/0" in out[1]
+
+
+def test_prometheus_names_pass_promtool():
+    """promtool (Debian's prometheus package, installed by scripts/setup.sh) lints
+    names, units and types as Prometheus's conventions want them."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: scripts/setup.sh installs Debian's prometheus package"
+    out = subprocess.run(
+        [promtool, "check", "metrics"], input=prometheus([_row(), _row("x")]), capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", (out.stdout, out.stderr)

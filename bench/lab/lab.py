@@ -150,15 +150,16 @@ class Lab:
             self.runtime.extra_env.pop("BWPLUGIN_FAULT", None)
             fault_file.unlink(missing_ok=True)
 
-    def start_agent(self) -> None:
-        """The node agent, in the node namespace (it must live in the host netns)."""
+    def start_agent(self, *extra: str) -> None:
+        """The node agent, in the node namespace (it must live in the host netns);
+        `extra`: more of its command-line options."""
         # its settings are its own: the private pin and run directories, and where
         # the tests' fault hooks look for their switch
         env = {**os.environ, "BWPLUGIN_FAULT_FILE": str(self.tmp / "fault")}
         log = open(self.tmp / "agent.log", "ab")  # noqa: SIM115 (owned by the process)
         self.agent = subprocess.Popen(
             ["nsenter", f"--net={self.node}", sys.executable, "-c", f"{PRELUDE}\n{AGENT}",
-             "--socket", self.agent_socket],
+             "--socket", self.agent_socket, *extra],
             stdout=log, stderr=log, env=env,
         )  # fmt: skip
         log.close()

@@ -13,9 +13,12 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..datapath import bpf, tc
 from ..datapath.netlink import Netlink
@@ -154,48 +157,69 @@ def table(rows: Iterable[AttachmentStats]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+LABELS = ["namespace", "pod", "container_id", "ifname", "host_veth", "direction"]
 
 
-def prometheus(rows: list[AttachmentStats]) -> str:
-    """Text exposition format 0.0.4: HELP and TYPE once per metric family."""
-    families: dict[str, tuple[str, str, list[str]]] = {}
-
-    def add(name: str, kind: str, help_: str, labels: dict[str, str], value: int) -> None:
-        fam = families.setdefault(name, (kind, help_, []))
-        text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-        fam[2].append(f"{name}{{{text}}} {value}")
-
+def families(rows: Iterable[AttachmentStats]) -> Iterator[Metric]:
+    """The per-attachment metric families, for `stats --prometheus` and the agent's
+    /metrics alike. `namespace` and `pod` are the labels Kubernetes dashboards join
+    on; rates are in bytes per second, Prometheus's base unit."""
+    rows = list(rows)
+    offered_packets = CounterMetricFamily(
+        "bwplugin_offered_packets", "Packets seen by the eBPF programs, before the qdisc.", labels=[*LABELS, "class"]
+    )
+    offered_bytes = CounterMetricFamily(
+        "bwplugin_offered_bytes", "Bytes seen by the eBPF programs, before the qdisc.", labels=[*LABELS, "class"]
+    )
+    rate = GaugeMetricFamily("bwplugin_rate_bytes_per_second", "Configured rate of the shaped class.", labels=LABELS)
+    sent_bytes = CounterMetricFamily("bwplugin_qdisc_sent_bytes", "Bytes the shaping qdisc sent.", labels=LABELS)
+    sent_packets = CounterMetricFamily("bwplugin_qdisc_sent_packets", "Packets the shaping qdisc sent.", labels=LABELS)
+    drops = CounterMetricFamily("bwplugin_qdisc_drops", "Packets the shaping qdisc dropped.", labels=LABELS)
+    overlimits = CounterMetricFamily("bwplugin_qdisc_overlimits", "Times the shaping qdisc throttled.", labels=LABELS)
+    backlog = GaugeMetricFamily("bwplugin_qdisc_backlog_bytes", "Bytes queued in the shaping qdisc now.", labels=LABELS)
     for r in rows:
-        # namespace and pod: the labels Kubernetes dashboards join on
-        base = {"namespace": r.namespace, "pod": r.pod, "container_id": r.container_id, "ifname": r.ifname,
-                "host_veth": r.host_veth}  # fmt: skip
         for direction, d in (("egress", r.egress), ("ingress", r.ingress)):
+            labels = [r.namespace, r.pod, r.container_id, r.ifname, r.host_veth, direction]
             for cls, packets, nbytes in (
                 ("shaped", d.shaped_packets, d.shaped_bytes),
                 ("unshaped", d.unshaped_packets, d.unshaped_bytes),
             ):
-                labels = {**base, "direction": direction, "class": cls}
-                add("bwplugin_offered_packets_total", "counter", "Packets seen by the eBPF program.", labels, packets)
-                add("bwplugin_offered_bytes_total", "counter", "Bytes seen by the eBPF program.", labels, nbytes)
+                offered_packets.add_metric([*labels, cls], packets)
+                offered_bytes.add_metric([*labels, cls], nbytes)
             q = d.queue
             if q is None:
                 continue
-            labels = {**base, "direction": direction}
-            add("bwplugin_rate_bits_per_second", "gauge", "Configured rate of the shaped class.", labels, q.rate_bps)
-            add("bwplugin_qdisc_sent_bytes_total", "counter", "Bytes the qdisc sent.", labels, q.sent_bytes)
-            add("bwplugin_qdisc_sent_packets_total", "counter", "Packets the qdisc sent.", labels, q.sent_packets)
-            add("bwplugin_qdisc_drops_total", "counter", "Packets the qdisc dropped.", labels, q.drops)
-            add("bwplugin_qdisc_overlimits_total", "counter", "Times the qdisc throttled.", labels, q.overlimits)
-            add("bwplugin_qdisc_backlog_bytes", "gauge", "Bytes queued now.", labels, q.backlog_bytes)
-    out = []
-    for name, (kind, help_, samples) in families.items():
-        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples]
-    out.append("# HELP bwplugin_attachments Shaped attachments on this node.")
-    out.append("# TYPE bwplugin_attachments gauge")
-    out.append(f"bwplugin_attachments {len(rows)}")
-    return "\n".join(out) + "\n"
+            rate.add_metric(labels, q.rate_bps // 8)
+            sent_bytes.add_metric(labels, q.sent_bytes)
+            sent_packets.add_metric(labels, q.sent_packets)
+            drops.add_metric(labels, q.drops)
+            overlimits.add_metric(labels, q.overlimits)
+            backlog.add_metric(labels, q.backlog_bytes)
+    attachments = GaugeMetricFamily("bwplugin_attachments", "Shaped attachments on this node.")
+    attachments.add_metric([], len(rows))
+    yield from (offered_packets, offered_bytes, rate, sent_bytes, sent_packets, drops, overlimits, backlog, attachments)
+
+
+class NodeCollector:
+    """Collects at scrape time: the counters are read from the kernel, never cached."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+
+    def collect(self) -> Iterator[Metric]:
+        return families(collect(self.netns))
+
+
+def prometheus(rows: list[AttachmentStats]) -> str:
+    """Text exposition format, written by prometheus_client."""
+
+    class Rows:
+        def collect(self) -> Iterator[Metric]:
+            return families(rows)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Rows())  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import cli
 from ..cni import settings
@@ -91,8 +91,12 @@ class Handler(socketserver.StreamRequestHandler):
             self._refuse(f"malformed request: {exc}")
             return
         lines: list[str] = []
+        start = time.perf_counter()
         with settings.request(env, lines):
             code, out = cli.run(env, stdin)
+        metrics = cast(Server, self.server).metrics
+        if metrics is not None:
+            metrics.observe(env.get("CNI_COMMAND", ""), out, time.perf_counter() - start)
         with contextlib.suppress(OSError):  # the client may be gone; the work is done
             self.wfile.write(encode_reply(code, out, lines))
 
@@ -117,8 +121,9 @@ class Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True  # past DRAIN_TIMEOUT a stuck request must not block the stop
     block_on_close = False  # serve() waits for requests in flight itself, with a bound
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, metrics: AgentMetrics | None = None) -> None:
         super().__init__(path, Handler)
+        self.metrics = metrics
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.idle = threading.Condition()
         self.in_flight = 0
@@ -204,16 +209,51 @@ def _remove_stale_socket(path: Path) -> None:
     raise SystemExit(f"another bwplugin agent is already serving {path}")
 
 
-def serve(path: Path, ready: threading.Event | None = None) -> None:
+class AgentMetrics:
+    """/metrics: every attachment's counters (read from the kernel at each scrape)
+    and the agent's own requests, served by prometheus_client."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram  # only with --metrics-address
+
+        from ..commands.stats import NodeCollector
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(NodeCollector())  # type: ignore[arg-type]
+        self.requests = Counter(
+            "bwplugin_agent_requests", "CNI requests the agent answered.", ["command", "code"], registry=self.registry
+        )
+        self.seconds = Histogram(
+            "bwplugin_agent_request_seconds", "Time the agent took to answer an ADD or DEL.", ["command"],
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=self.registry,
+        )  # fmt: skip
+
+    def observe(self, command: str, out: dict[str, Any] | None, seconds: float) -> None:
+        code = str(out.get("code", 0)) if out and "code" in out else "0"
+        self.requests.labels(command=command or "?", code=code).inc()
+        if command in ("ADD", "DEL"):
+            self.seconds.labels(command=command).observe(seconds)
+
+    def serve(self, address: str) -> None:
+        from prometheus_client import start_http_server
+
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
+
+
+def serve(path: Path, ready: threading.Event | None = None, metrics_address: str | None = None) -> None:
     if not path.parent.exists():
         # a directory of our own, root only; an existing one (say /run) is left as it is
         path.parent.mkdir(parents=True)
         os.chmod(path.parent, 0o700)
     _remove_stale_socket(path)
     swept = sweep_orphans()  # before serving: the socket appearing means ready
+    metrics = AgentMetrics() if metrics_address else None
+    if metrics is not None and metrics_address:
+        metrics.serve(metrics_address)
     old_umask = os.umask(0o177)
     try:
-        server = Server(str(path))
+        server = Server(str(path), metrics)
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)  # root only: CNI requests change the node's network
@@ -246,8 +286,12 @@ def serve(path: Path, ready: threading.Event | None = None) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", type=Path, default=Path(os.environ.get("BWPLUGIN_AGENT_SOCKET", DEFAULT_SOCKET)))
+    parser.add_argument(
+        "--metrics-address", metavar="HOST:PORT",
+        help="serve Prometheus /metrics there (off by default; the agent runs in the host netns, so keep it local)",
+    )  # fmt: skip
     args = parser.parse_args()
-    serve(args.socket)
+    serve(args.socket, metrics_address=args.metrics_address)
     return 0
 
 
