@@ -3,7 +3,9 @@
 # the kernel tests then must run (BWPLUGIN_REQUIRE_KERNEL=1 turns a skip into a failure).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup.sh"
+# the tests also run a real Prometheus (each its own private instance). Note: on a machine
+# with systemd, Debian's prometheus package also starts its own service when installed.
+SETUP_EXTRA_PACKAGES="prometheus" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 ruff check bwplugin tests bench
 ruff format --check bwplugin tests bench
