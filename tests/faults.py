@@ -20,8 +20,9 @@ from bwplugin.cni import settings
 from bwplugin.cni.errors import IOFailureError
 from bwplugin.commands import add
 from bwplugin.datapath import tc
+from bwplugin.datapath.netlink import Netlink
 
-POINTS = ("after-map", "after-ingress", "after-ifb", "after-clsact", "after-filter")
+POINTS = ("after-map", "after-ingress", "after-ifb-create", "after-ifb", "after-clsact", "after-filter")
 
 
 def spec() -> str:
@@ -55,6 +56,10 @@ def _point_of_root(nl: Any, index: int, what: str, *args: Any, **kwargs: Any) ->
     return "after-ingress" if what == "ingress" else "after-ifb"
 
 
+def _point_of_create(nl: Any, name: str, kind: str, *args: Any, **kwargs: Any) -> str | None:
+    return "after-ifb-create" if kind == "ifb" and name.startswith("bwpl") else None
+
+
 def _point_of_filter(nl: Any, index: int, hook: int, *args: Any, **kwargs: Any) -> str | None:
     return "after-filter" if hook == tc.CLSACT_INGRESS else None  # the last one ADD attaches
 
@@ -66,4 +71,6 @@ def install() -> None:
     add._add_entry = _after(add._add_entry, lambda *a, **k: "after-map")
     add._add_root = _after(add._add_root, _point_of_root)
     add._add_clsact = _after(add._add_clsact, lambda *a, **k: "after-clsact")
+    # between creating the ifb and labelling it with its alias
+    Netlink.create_link = _after(Netlink.create_link, _point_of_create)  # type: ignore[method-assign]
     add.tc = SimpleNamespace(**{**vars(tc), "add_bpf_filter": _after(tc.add_bpf_filter, _point_of_filter)})  # type: ignore[assignment]

@@ -91,8 +91,8 @@ def settled_ifbs(netns: str, timeout: float = 5.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:
         kv = view(netns)
-        ifbs = [n for n in kv.ifbs() if n.startswith("bwpl") and kv.links[n]["alias"] is not None]
-        inert = [n for n in ifbs if not _has_redirect(kv, n)]
+        ifbs = kv.ifbs()  # every ifb in the lab's private node namespace, labelled or not
+        inert = [n for n in ifbs if kv.links[n]["alias"] is None or not _has_redirect(kv, n)]
         if not inert or time.monotonic() > deadline:
             return ifbs
         time.sleep(0.05)

@@ -12,7 +12,7 @@ from .conftest import bandwidth, shaper
 from .oracle import settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
-POINTS = ["after-ingress", "after-ifb", "after-map", "after-clsact", "after-filter"]
+POINTS = ["after-ingress", "after-ifb-create", "after-ifb", "after-map", "after-clsact", "after-filter"]
 
 
 @pytest.mark.parametrize("point", POINTS)

@@ -306,7 +306,9 @@ def test_check_detects_unexpected_shaping(lab: Lab) -> None:
 # ---------------------------------------------------------------- ADD rolls back
 
 
-@pytest.mark.parametrize("point", ["after-ingress", "after-ifb", "after-map", "after-clsact", "after-filter"])
+@pytest.mark.parametrize(
+    "point", ["after-ingress", "after-ifb-create", "after-ifb", "after-map", "after-clsact", "after-filter"]
+)
 def test_add_failure_rolls_back(lab: Lab, point: str) -> None:
     pod = lab.pod("a")
     before = map_ids()

@@ -127,6 +127,10 @@ def _add_clsact(nl: Netlink, index: int, undo: Undo) -> None:
 def _add_ifb(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, attach_id: int, undo: Undo) -> Link:
     name = ifb_name(conf.name, env.container_id, env.ifname)
     _remove_stale_ifb(nl, name)
+    # registered before the device exists: after this point an ifb of this name is
+    # ours (any stale one is gone), and a failure right after creating it, before
+    # anything else is known of it, must still remove it
+    undo.push(lambda: _delete_ifb_named(nl, name))
     try:
         nl.create_link(name, "ifb", mtu=host.mtu)
     except NetlinkError as exc:
@@ -135,10 +139,15 @@ def _add_ifb(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, attach_id: in
         raise
     ifb = nl.link(name=name)
     assert ifb is not None
-    undo.push(lambda: nl.delete_link(ifb.index))
     label = IfbLabel(network_tag(conf.name), attach_id, host.index, env.ifname, env.container_id)
     nl.set_link(ifb.index, up=True, alias=format_alias(label))
     return ifb
+
+
+def _delete_ifb_named(nl: Netlink, name: str) -> None:
+    link = nl.link(name=name)
+    if link is not None and link.kind == "ifb":
+        nl.delete_link(link.index)
 
 
 def _remove_stale_ifb(nl: Netlink, name: str) -> None:
