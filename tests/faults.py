@@ -19,7 +19,7 @@ from typing import Any
 from bwplugin.cni import settings
 from bwplugin.cni.errors import IOFailureError
 from bwplugin.commands import add
-from bwplugin.datapath import tc
+from bwplugin.datapath import probe, tc
 from bwplugin.datapath.netlink import Netlink
 
 POINTS = ("after-map", "after-ingress", "after-ifb-create", "after-ifb", "after-clsact", "after-filter")
@@ -57,7 +57,8 @@ def _point_of_root(nl: Any, index: int, what: str, *args: Any, **kwargs: Any) ->
 
 
 def _point_of_create(nl: Any, name: str, kind: str, *args: Any, **kwargs: Any) -> str | None:
-    return "after-ifb-create" if kind == "ifb" and name.startswith("bwpl") else None
+    # an attachment's ifb, not the kernel probe's (which lives in a throwaway netns)
+    return "after-ifb-create" if kind == "ifb" and name.startswith("bwpl") and name != probe.PROBE_IFB else None
 
 
 def _point_of_filter(nl: Any, index: int, hook: int, *args: Any, **kwargs: Any) -> str | None:
