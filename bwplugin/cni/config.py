@@ -186,13 +186,13 @@ def parse_cni_args(text: str, strict: bool = True) -> dict[str, str]:
                 raise InvalidEnvError(f"CNI_ARGS entry {pair!r} is not KEY=VALUE")
             continue
         out[key] = value
+    if not strict:
+        return out
     ignore = out.get("IgnoreUnknown", "false")
     if ignore.lower() not in ("1", "true", "0", "false"):
-        if strict:
-            raise InvalidEnvError(f"CNI_ARGS IgnoreUnknown={ignore!r} is not a boolean (1, true, 0 or false)")
-        ignore = "1"
+        raise InvalidEnvError(f"CNI_ARGS IgnoreUnknown={ignore!r} is not a boolean (1, true, 0 or false)")
     unknown = [k for k in out if k not in KNOWN_ARGS]
-    if strict and unknown and ignore.lower() not in ("1", "true"):
+    if unknown and ignore.lower() not in ("1", "true"):
         raise InvalidEnvError(
             f"CNI_ARGS has unknown key(s) {', '.join(unknown)}; known: {', '.join(KNOWN_ARGS)} (or set IgnoreUnknown=1)"
         )

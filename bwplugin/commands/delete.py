@@ -30,7 +30,8 @@ def cmd_del(env: Env, conf: NetConf) -> None:
         map_fd, lpm_fd = bpf.open_map(), bpf.open_lpm()
         try:
             entries = bpf.owner_entries(map_fd, owner) if map_fd is not None else {}
-            if host_index is not None and _ifb_vouches_for(nl, ifb, host_index):
+            proven = any(entry.host_index == host_index for entry in entries.values())
+            if host_index is not None and not proven and _ifb_vouches_for(nl, ifb, host_index):
                 teardown_host(nl, host_index)  # its map entry is gone, but its ifb names the veth
             for attach_id, entry in entries.items():
                 # a veth is touched only with proof that its objects are this attachment's:

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -201,24 +201,20 @@ def families(rows: Iterable[AttachmentStats]) -> Iterator[Metric]:
 
 
 class NodeCollector:
-    """Collects at scrape time: the counters are read from the kernel, never cached."""
+    """A prometheus_client collector of `rows()`, called at each collection. The
+    agent's default reads the kernel at scrape time: nothing is cached."""
 
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
+    def __init__(self, rows: Callable[[], list[AttachmentStats]] = collect) -> None:
+        self.rows = rows
 
     def collect(self) -> Iterator[Metric]:
-        return families(collect(self.netns))
+        return families(self.rows())
 
 
 def prometheus(rows: list[AttachmentStats]) -> str:
     """Text exposition format, written by prometheus_client."""
-
-    class Rows:
-        def collect(self) -> Iterator[Metric]:
-            return families(rows)
-
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Rows())  # type: ignore[arg-type]
+    registry.register(NodeCollector(lambda: rows))  # type: ignore[arg-type]
     return generate_latest(registry).decode()
 
 
