@@ -71,10 +71,26 @@ struct bwp_pod {
     char uid[64];    // K8S_POD_UID
 };
 
+// What shapes an attachment now: the rates ADD was given, the ones in force
+// (equal, unless `bwplugin set` or the annotation watch changed them live), and
+// the ADD-time queue policy a live change needs to size the new queues. CHECK
+// compares the kernel with the rates in force. Loader only; never on the data path.
+struct bwp_shaping {
+    __u64 add_rate[2], add_burst[2];  // [0] ingress (to the pod), [1] egress; bits/s, bits; 0: unshaped
+    __u64 rate[2], burst[2];          // in force
+    __u64 subnets_digest;             // of the prefix list in force (CHECK detects tampering)
+    __u32 latency_us, max_burst_us;   // latencyMs, maxBurstMs
+    __u32 mtu, gso_max;               // of the veth pair at ADD
+    __u32 flags;                      // S_* in bwplugin/datapath/bpf.py
+    __u32 changes;                    // live changes applied
+};
+
 // BWP_*_PIN and BWP_MAX_* come from the loader, which versions the pin paths by
 // this layout so that upgrades keep their counters.
 BPF_TABLE_PINNED("hash", __u32, struct bwp_val, bwp_attach, BWP_MAX_ATTACH, BWP_MAP_PIN, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct bwp_pod, bwp_pods, BWP_MAX_ATTACH, BWP_POD_PIN, BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct bwp_shaping, bwp_shaping, BWP_MAX_ATTACH, BWP_SHAPING_PIN,
+                 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct bwp_lpm_key, __u8, bwp_subnets, BWP_MAX_SUBNETS, BWP_LPM_PIN,
                  BPF_F_NO_PREALLOC);
 

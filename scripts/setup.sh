@@ -13,7 +13,7 @@ if [ "$(id -u)" != 0 ]; then echo "bwplugin set-up needs root (netlink, tc, bpf)
 
 need=()
 for pkg in python3-bpfcc linux-headers-amd64 iperf3 containernetworking-plugins python3-venv iputils-ping iproute2 \
-    util-linux libbpf1 python3-prometheus-client containerd runc bpftool gcc libc6-dev ${SETUP_EXTRA_PACKAGES:-}; do
+    util-linux libbpf1 python3-prometheus-client python3-kubernetes containerd runc bpftool gcc libc6-dev ${SETUP_EXTRA_PACKAGES:-}; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

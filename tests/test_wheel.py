@@ -5,7 +5,6 @@ CNI bin dir, and that executable shapes a pod (ADD), passes CHECK and cleans up
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -61,31 +60,7 @@ def test_a_wheel_installed_plugin_adds_checks_and_deletes_under_containerd(wheel
         assert kinds == ["tbf", "clsact"]
         assert c.ifb_of(veth)
 
-        # CHECK as libcni runs it for the last plugin of the chain: its own config with
-        # the list's name and version, the runtimeConfig and the cached final result.
-        # (containerd 1.6's CRI never calls CHECK; the inputs are what it cached.)
-        cache = c.cached_result(pod)
-        conflist = json.loads(base64.b64decode(cache["config"]))
-        conf = {
-            **conflist["plugins"][1],
-            "name": conflist["name"],
-            "cniVersion": conflist["cniVersion"],
-            "runtimeConfig": {"bandwidth": cache["capabilityArgs"]["bandwidth"]},
-            "prevResult": cache["result"],
-        }
-        env = {
-            **c.env(),
-            "CNI_COMMAND": "CHECK",
-            "CNI_CONTAINERID": pod.id,
-            "CNI_NETNS": pod.netns,
-            "CNI_IFNAME": "eth0",
-            "CNI_ARGS": ";".join(f"{k}={v}" for k, v in cache.get("cniArgs") or []),
-            "CNI_PATH": str(c.dir / "bin"),
-        }
-        check = subprocess.run(
-            ["nsenter", f"--net={c.node}", str(c.dir / "bin" / "bwplugin")],
-            input=json.dumps(conf), capture_output=True, text=True, env=env,
-        )  # fmt: skip
+        check = c.cni_check(pod)  # with the inputs containerd cached
         assert check.returncode == 0 and check.stdout == "", (check.stdout, check.stderr)
 
         c.remove_pod(pod)

@@ -16,6 +16,7 @@ the kubelet would; containerd runs the conflist through its own libcni."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -177,6 +178,7 @@ class Containerd:
     pins: str | None = None  # bwplugin's bpffs pin dir (default: a private one, removed at the end)
     # puts the bwplugin executable into a CNI bin dir (default: bwplugin-install from this checkout)
     installer: Callable[[Path], object] = install
+    agent_args: tuple[str, ...] = ()  # more arguments for the agent (--metrics-address, --watch-pods, ...)
 
     def __post_init__(self) -> None:
         self.tag = secrets.token_hex(3)
@@ -337,7 +339,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         log = open(self.dir / "agent.log", "ab")  # noqa: SIM115
         python = os.path.realpath(os.environ.get("BWPLUGIN_PYTHON", shutil.which("python3") or "python3"))
         self.agent_proc = subprocess.Popen(
-            ["nsenter", f"--net={self.node}", python, "-m", "bwplugin.node.agent", "--socket", self.agent_socket],
+            ["nsenter", f"--net={self.node}", python, "-m", "bwplugin.node.agent", "--socket", self.agent_socket,
+             *self.agent_args],
             stdout=log, stderr=log, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()
@@ -405,6 +408,41 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         sent, and the chain's result (libcni's CHECK and DEL send that back)."""
         path = Path(CNI_CACHE) / "results" / f"bwpt-pods-{sandbox.id}-{ifname}"
         return dict(json.loads(path.read_text()))
+
+    def bwplugin(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """The installed executable, run as a person on the node runs it (`bwplugin
+        stats`, `bwplugin set`): in the node's network namespace, with its settings."""
+        return subprocess.run(
+            ["nsenter", f"--net={self.node}", str(self.dir / "bin" / "bwplugin"), *args],
+            capture_output=True, text=True, env=self.env(), check=check, timeout=120,
+        )  # fmt: skip
+
+    def cni_check(self, sandbox: Sandbox, ifname: str = "eth0") -> subprocess.CompletedProcess[str]:
+        """CHECK as libcni runs it for the last plugin of the chain: its own config
+        with the list's name and version, the runtimeConfig and the cached final
+        result, all from containerd's cache (containerd 1.6's CRI never calls CHECK)."""
+        cache = self.cached_result(sandbox, ifname)
+        conflist = json.loads(base64.b64decode(cache["config"]))
+        conf = {
+            **conflist["plugins"][1],
+            "name": conflist["name"],
+            "cniVersion": conflist["cniVersion"],
+            "runtimeConfig": {"bandwidth": cache["capabilityArgs"]["bandwidth"]},
+            "prevResult": cache["result"],
+        }
+        env = {
+            **self.env(),
+            "CNI_COMMAND": "CHECK",
+            "CNI_CONTAINERID": sandbox.id,
+            "CNI_NETNS": sandbox.netns,
+            "CNI_IFNAME": ifname,
+            "CNI_ARGS": ";".join(f"{k}={v}" for k, v in cache.get("cniArgs") or []),
+            "CNI_PATH": str(self.dir / "bin"),
+        }
+        return subprocess.run(
+            ["nsenter", f"--net={self.node}", str(self.dir / "bin" / "bwplugin")],
+            input=json.dumps(conf), capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
 
     def qdisc_bytes(self, dev: str) -> int:
         """Bytes the root qdisc of a node-side device sent, read with tc -j."""

@@ -369,12 +369,12 @@ def parse_subnets(doc: Mapping[str, Any]) -> Subnets | None:
             raise InvalidConfigError(f"{prefix}shapedSubnets and {prefix}unshapedSubnets are mutually exclusive")
         if present:
             key = present[0]
-            nets = _networks(prefix + key, get(src, key))
+            nets = networks_field(prefix + key, get(src, key))
             return Subnets(key == "shapedSubnets", nets) if nets else None
     return None
 
 
-def _networks(key: str, value: Any) -> tuple[IPv4Network | IPv6Network, ...]:
+def networks_field(key: str, value: Any) -> tuple[IPv4Network | IPv6Network, ...]:
     if not isinstance(value, list):
         raise InvalidConfigError(f"{key} must be a list of CIDRs, got {value!r}")
     if len(value) > MAX_SUBNETS:

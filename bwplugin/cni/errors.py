@@ -28,6 +28,12 @@ class IncompatibleVersionError(CNIError):
     code = 1
 
 
+class ContainerUnknownError(CNIError):
+    """No attachment matches (a live change naming a pod bwplugin does not shape)."""
+
+    code = 3
+
+
 class InvalidEnvError(CNIError):
     code = 4
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from ..cni.config import Direction, Env, NetConf, Policy
+from ..cni.config import Direction, Env, NetConf, Policy, Subnets
 from ..cni.errors import ForeignObjectError, InvalidConfigError, KernelFeatureError
 from ..cni.protocol import convert_result, with_interface
 from ..cni.settings import log
@@ -14,7 +14,7 @@ from ..datapath import bpf, probe, tc
 from ..datapath.naming import IfbLabel, format_alias, ifb_name, network_tag
 from ..datapath.netlink import Link, Netlink, NetlinkError
 from ..datapath.shaping import NS_PER_TICK, U32_MAX, TBFParams, tbf_params
-from .common import HostVeth, Undo, entry_flags, find_host_veth, owner_of
+from .common import HostVeth, Undo, entry_flags, find_host_veth, owner_of, shaping_entry
 
 
 def _ensure_no_foreign_qdiscs(nl: Netlink, host: HostVeth) -> None:
@@ -69,13 +69,15 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Li
     undo.push(progs.close)  # on failure: after the steps below that still need its fds
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
     attach_id = _add_entry(progs, env, conf, host, undo)
+    bpf.shaping_set(progs.shaping_fd, attach_id, shaping_entry(conf, host))
     if bw.ingress:
-        _add_root(nl, host.index, "ingress", bw.ingress, conf, host, undo)
+        add_root(nl, host.index, "ingress", bw.ingress, conf.policy, conf.subnets, host, undo)
     ifb = None
     if bw.egress:
-        ifb = _add_ifb(nl, env, conf, host, attach_id, undo)
-        bpf.attach_set_ifb(progs.map_fd, attach_id, ifb.index)
-        _add_root(nl, ifb.index, "egress", bw.egress, conf, host, undo)
+        label = IfbLabel(network_tag(conf.name), attach_id, host.index, env.ifname, env.container_id)
+        ifb = add_ifb(nl, ifb_name(conf.name, env.container_id, env.ifname), label, host.mtu, undo)
+        bpf.attach_update(progs.map_fd, attach_id, ifb_index=ifb.index)
+        add_root(nl, ifb.index, "egress", bw.egress, conf.policy, conf.subnets, host, undo)
     _add_clsact(nl, host.index, undo)
     to_pod = "bwp_to_pod"
     tc.add_bpf_filter(nl, host.index, tc.CLSACT_EGRESS, progs.fd(to_pod), progs.filter_name(to_pod), attach_id)
@@ -105,15 +107,25 @@ def _add_entry(progs: bpf.Programs, env: Env, conf: NetConf, host: HostVeth, und
     return attach_id
 
 
-def _add_root(nl: Netlink, index: int, what: str, d: Direction, conf: NetConf, host: HostVeth, undo: Undo) -> None:
+def add_root(
+    nl: Netlink,
+    index: int,
+    what: str,
+    d: Direction,
+    policy: Policy,
+    subnets: Subnets | None,
+    host: HostVeth,
+    undo: Undo,
+) -> None:
+    """The root TBF (or, with subnets, HTB) that shapes one direction."""
     mtu = host.mtu
-    params = tbf_params(d, conf.policy, mtu, host.gso_max)
-    _report_policy(what, d, params, conf.policy)
-    if conf.subnets:
+    params = tbf_params(d, policy, mtu, host.gso_max)
+    _report_policy(what, d, params, policy)
+    if subnets:
         if params.htb_clamped:
             largest = NS_PER_TICK * U32_MAX / 1e9
             log(f"{what} burst {params.burst} B clamped to HTB's largest bucket, {largest:.1f} s at the rate")
-        tc.add_htb(nl, index, params, default_shaped=not conf.subnets.listed_shaped, mtu=mtu)
+        tc.add_htb(nl, index, params, default_shaped=not subnets.listed_shaped, mtu=mtu)
     else:
         tc.add_tbf(nl, index, params)
     undo.push(lambda: tc.delete_qdisc(nl, index, tc.TC_H_ROOT, tc.ROOT_HANDLE))
@@ -124,22 +136,21 @@ def _add_clsact(nl: Netlink, index: int, undo: Undo) -> None:
     undo.push(lambda: tc.delete_qdisc(nl, index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE))
 
 
-def _add_ifb(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, attach_id: int, undo: Undo) -> Link:
-    name = ifb_name(conf.name, env.container_id, env.ifname)
+def add_ifb(nl: Netlink, name: str, label: IfbLabel, mtu: int, undo: Undo) -> Link:
+    """The attachment's ifb, up and labelled with what DEL and GC need."""
     _remove_stale_ifb(nl, name)
     # registered before the device exists: after this point an ifb of this name is
     # ours (any stale one is gone), and a failure right after creating it, before
     # anything else is known of it, must still remove it
     undo.push(lambda: _delete_ifb_named(nl, name))
     try:
-        nl.create_link(name, "ifb", mtu=host.mtu)
+        nl.create_link(name, "ifb", mtu=mtu)
     except NetlinkError as exc:
         if exc.errno == errno.EOPNOTSUPP:
             raise KernelFeatureError(f"the kernel has no ifb device type (module ifb): creating {name} failed") from exc
         raise
     ifb = nl.link(name=name)
     assert ifb is not None
-    label = IfbLabel(network_tag(conf.name), attach_id, host.index, env.ifname, env.container_id)
     nl.set_link(ifb.index, up=True, alias=format_alias(label))
     return ifb
 

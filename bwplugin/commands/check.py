@@ -9,7 +9,7 @@ from ..datapath import bpf, probe, tc
 from ..datapath.naming import ifb_name
 from ..datapath.netlink import Link, Netlink
 from ..datapath.shaping import htb_leaf_limit, tbf_params
-from .common import HostVeth, entry_flags, find_host_veth, owner_of
+from .common import HostVeth, entry_flags, find_host_veth, in_force, owner_of
 
 
 def cmd_check(env: Env, conf: NetConf) -> None:
@@ -17,10 +17,11 @@ def cmd_check(env: Env, conf: NetConf) -> None:
         raise IncompatibleVersionError(f"CHECK is not supported for cniVersion {conf.cni_version} (needs 0.4.0+)")
     if conf.prev_result is None:
         raise InvalidConfigError("prevResult is required for CHECK")
-    bw = conf.bandwidth
     problems: list[str] = []
     with Netlink() as nl:
         host = find_host_veth(nl, env, conf.prev_result)
+        conf = _after_live_changes(nl, problems, conf, host)
+        bw = conf.bandwidth
         name = ifb_name(conf.name, env.container_id, env.ifname)
         ifb = nl.link(name=name)
         filters = tc.our_filters(nl, host.index)
@@ -42,6 +43,26 @@ def cmd_check(env: Env, conf: NetConf) -> None:
             _check_steering(nl, problems, env, conf, host, filters, ifb)
     if problems:
         raise CheckMismatchError("shaping state does not match the config: " + "; ".join(problems))
+
+
+def _after_live_changes(nl: Netlink, problems: list[str], conf: NetConf, host: HostVeth) -> NetConf:
+    """The runtime's CHECK carries ADD's config; after `bwplugin set` (or the
+    annotation watch) the attachment's record says what is in force instead."""
+    attach_id = tc.our_classid(nl, host.index)
+    fd = bpf.open_shaping() if attach_id else None
+    if fd is None or attach_id is None:
+        return conf
+    lpm_fd = bpf.open_lpm()
+    try:
+        shaping = bpf.shaping_get(fd, attach_id)
+        if shaping is None or not shaping.flags & bpf.S_OVERRIDES:
+            return conf
+        listed = bpf.subnets_of(lpm_fd, attach_id) if lpm_fd is not None and conf.subnets else []
+        if shaping.flags & bpf.S_SUBNETS_OVERRIDE and bpf.subnets_digest(listed) != shaping.subnets_digest:
+            problems.append(f"attach map entry {attach_id}: subnets {sorted(map(str, listed))} are not those set live")
+        return in_force(conf, shaping, listed)
+    finally:
+        bpf.close_fds(fd, lpm_fd)
 
 
 def _check_root(

@@ -4,10 +4,10 @@ map-entry identity, the rollback stack, and removing our objects from a veth."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..cni.config import Env, NetConf
+from ..cni.config import Bandwidth, Direction, Env, NetConf, Subnets
 from ..cni.errors import HostInterfaceError, InvalidEnvError
 from ..cni.protocol import host_interface_names
 from ..cni.settings import log
@@ -107,3 +107,39 @@ def teardown_host(nl: Netlink, host_index: int, attach_id: int | None = None) ->
     if filters and clsact is not None and clsact.kind == "clsact":
         tc.delete_qdisc(nl, host_index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE)
     return True
+
+
+REDIRECT_FLAGS = {"auto": 0, "bpf": bpf.S_REDIRECT_BPF, "mirred": bpf.S_REDIRECT_MIRRED}
+
+
+def shaping_entry(conf: NetConf, host: HostVeth) -> bpf.ShapingEntry:
+    """What ADD shapes with, recorded for live changes and for CHECK after one."""
+    bw = conf.bandwidth
+    rates = ((bw.ingress.rate, bw.ingress.burst) if bw.ingress else (0, 0),
+             (bw.egress.rate, bw.egress.burst) if bw.egress else (0, 0))  # fmt: skip
+    flags = REDIRECT_FLAGS[conf.policy.egress_redirect] | (bpf.S_STATIC if bw.source == "static" else 0)
+    return bpf.ShapingEntry(
+        add=rates, now=rates,
+        subnets_digest=bpf.subnets_digest(conf.subnets.networks if conf.subnets else ()),
+        latency_us=round(conf.policy.latency_ms * 1000), max_burst_us=round(conf.policy.max_burst_ms * 1000),
+        mtu=host.mtu, gso_max=host.gso_max, flags=flags,
+    )  # fmt: skip
+
+
+def direction_of(pair: tuple[int, int]) -> Direction | None:
+    return Direction(*pair) if pair[0] else None
+
+
+def in_force(conf: NetConf, shaping: bpf.ShapingEntry | None, listed: list[Any] | None) -> NetConf:
+    """The config as it stands after live changes: ADD's, with the overridden
+    rates (and subnets) taken from the attachment's record. `listed`: the
+    attachment's prefixes now, used only under a subnet override."""
+    if shaping is None:
+        return conf
+    flags, bw = shaping.flags, conf.bandwidth
+    ingress = direction_of(shaping.now[bpf.INGRESS]) if flags & bpf.S_INGRESS_OVERRIDE else bw.ingress
+    egress = direction_of(shaping.now[bpf.EGRESS]) if flags & bpf.S_EGRESS_OVERRIDE else bw.egress
+    subnets = conf.subnets
+    if flags & bpf.S_SUBNETS_OVERRIDE and conf.subnets:
+        subnets = Subnets(bool(flags & bpf.S_SHAPED_LIST), tuple(listed or ()))
+    return replace(conf, bandwidth=Bandwidth(ingress, egress, bw.source), subnets=subnets)

@@ -42,6 +42,7 @@ class DirectionStats:
     unshaped_packets: int
     unshaped_bytes: int
     queue: QueueStats | None  # None: this direction has no rate
+    source: str = ""  # where the rate in force came from: "runtime" (ADD) or "override" (a live change)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class AttachmentStats:
     subnets_mode: str  # "", "shapedSubnets" or "unshapedSubnets"
     egress: DirectionStats
     ingress: DirectionStats
+    live_changes: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -79,12 +81,14 @@ def _queue(nl: Netlink, index: int) -> QueueStats | None:
 def collect(netns: str | None = None) -> list[AttachmentStats]:
     """Every entry of the pinned map, with its devices looked up in the host netns
     (or in `netns`, where a test lab's "node" lives)."""
-    map_fd, lpm_fd, pods_fd = bpf.open_map(), bpf.open_lpm(), bpf.open_pods()
+    map_fd, lpm_fd, pods_fd, shaping_fd = bpf.open_map(), bpf.open_lpm(), bpf.open_pods(), bpf.open_shaping()
     if map_fd is None:
+        bpf.close_fds(lpm_fd, pods_fd, shaping_fd)
         return []
     out = []
     try:
         pods = bpf.pod_entries(pods_fd) if pods_fd is not None else {}
+        shaping = bpf.shaping_entries(shaping_fd) if shaping_fd is not None else {}
         with Netlink.in_netns(netns) if netns else Netlink() as nl:
             for attach_id, e in sorted(bpf.attach_entries(map_fd).items()):
                 pod = pods.get(attach_id, bpf.PodEntry("", "", ""))
@@ -95,6 +99,10 @@ def collect(netns: str | None = None) -> list[AttachmentStats]:
                     problems.append("host veth does not carry this attachment's filters (stale entry)")
                     host = None
                 subnets = bpf.subnets_of(lpm_fd, attach_id) if lpm_fd is not None and e.flags & bpf.F_SUBNETS else []
+                rec = shaping.get(attach_id)
+                flags = rec.flags if rec else 0
+                in_src, eg_src = ("" if rec is None else "override" if flags & bit else "runtime"
+                                  for bit in (bpf.S_INGRESS_OVERRIDE, bpf.S_EGRESS_OVERRIDE))  # fmt: skip
                 mode = ""
                 if e.flags & bpf.F_SUBNETS:
                     mode = "unshapedSubnets" if e.flags & bpf.F_LISTED_UNSHAPED else "shapedSubnets"
@@ -111,31 +119,34 @@ def collect(netns: str | None = None) -> list[AttachmentStats]:
                         egress=DirectionStats(
                             e.from_pod_shaped.packets, e.from_pod_shaped.bytes,
                             e.from_pod_unshaped.packets, e.from_pod_unshaped.bytes,
-                            _queue(nl, ifb.index) if ifb else None,
+                            _queue(nl, ifb.index) if ifb else None, eg_src,
                         ),
                         ingress=DirectionStats(
                             e.to_pod_shaped.packets, e.to_pod_shaped.bytes,
                             e.to_pod_unshaped.packets, e.to_pod_unshaped.bytes,
-                            _queue(nl, host.index) if host else None,
+                            _queue(nl, host.index) if host else None, in_src,
                         ),
+                        live_changes=rec.changes if rec else 0,
                         problems=problems,
                     )
                 )  # fmt: skip
     finally:
-        bpf.close_fds(map_fd, lpm_fd, pods_fd)
+        bpf.close_fds(map_fd, lpm_fd, pods_fd, shaping_fd)
     return out
 
 
 # ---------------------------------------------------------------- output
 
 
-def _rate(bps: int | None) -> str:
+def _rate(bps: int | None, source: str = "") -> str:
+    """10M, or 10M* when a live change set it."""
     if not bps:
         return "-"
+    mark = "*" if source == "override" else ""
     for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
         if bps >= scale:
-            return f"{bps / scale:g}{unit}"
-    return str(bps)
+            return f"{bps / scale:g}{unit}{mark}"
+    return f"{bps}{mark}"
 
 
 def table(rows: Iterable[AttachmentStats]) -> str:
@@ -148,13 +159,18 @@ def table(rows: Iterable[AttachmentStats]) -> str:
             (
                 f"{r.namespace}/{r.pod}" if r.pod else "-", r.container_id[:13], r.ifname, r.host_veth or "?",
                 r.ifb or "-",
-                _rate(iq.rate_bps if iq else None), str(r.ingress.shaped_bytes), str(iq.drops if iq else "-"),
-                _rate(eq.rate_bps if eq else None), str(r.egress.shaped_bytes), str(eq.drops if eq else "-"),
+                _rate(iq.rate_bps if iq else None, r.ingress.source), str(r.ingress.shaped_bytes),
+                str(iq.drops if iq else "-"),
+                _rate(eq.rate_bps if eq else None, r.egress.source), str(r.egress.shaped_bytes),
+                str(eq.drops if eq else "-"),
                 f"{r.ingress.unshaped_bytes}/{r.egress.unshaped_bytes}",
             )
         )  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+    if any("override" in (r.ingress.source, r.egress.source) for r in rows):
+        text += "\n* set live (bwplugin set or the annotation watch), not what the runtime gave at ADD"
+    return text
 
 
 LABELS = ["namespace", "pod", "container_id", "ifname", "host_veth", "direction"]
@@ -177,7 +193,14 @@ def families(rows: Iterable[AttachmentStats]) -> Iterator[Metric]:
     drops = CounterMetricFamily("bwplugin_qdisc_drops", "Packets the shaping qdisc dropped.", labels=LABELS)
     overlimits = CounterMetricFamily("bwplugin_qdisc_overlimits", "Times the shaping qdisc throttled.", labels=LABELS)
     backlog = GaugeMetricFamily("bwplugin_qdisc_backlog_bytes", "Bytes queued in the shaping qdisc now.", labels=LABELS)
+    overridden = GaugeMetricFamily(
+        "bwplugin_rate_overridden", "1 if a live change set this direction's rate, 0 if ADD's holds.", labels=LABELS
+    )
+    changes = CounterMetricFamily(
+        "bwplugin_live_changes", "Live changes applied to the attachment.", labels=LABELS[:-1]
+    )
     for r in rows:
+        changes.add_metric([r.namespace, r.pod, r.container_id, r.ifname, r.host_veth], r.live_changes)
         for direction, d in (("egress", r.egress), ("ingress", r.ingress)):
             labels = [r.namespace, r.pod, r.container_id, r.ifname, r.host_veth, direction]
             for cls, packets, nbytes in (
@@ -190,6 +213,7 @@ def families(rows: Iterable[AttachmentStats]) -> Iterator[Metric]:
             if q is None:
                 continue
             rate.add_metric(labels, q.rate_bps // 8)
+            overridden.add_metric(labels, int(d.source == "override"))
             sent_bytes.add_metric(labels, q.sent_bytes)
             sent_packets.add_metric(labels, q.sent_packets)
             drops.add_metric(labels, q.drops)
@@ -197,7 +221,8 @@ def families(rows: Iterable[AttachmentStats]) -> Iterator[Metric]:
             backlog.add_metric(labels, q.backlog_bytes)
     attachments = GaugeMetricFamily("bwplugin_attachments", "Shaped attachments on this node.")
     attachments.add_metric([], len(rows))
-    yield from (offered_packets, offered_bytes, rate, sent_bytes, sent_packets, drops, overlimits, backlog, attachments)
+    yield from (offered_packets, offered_bytes, rate, overridden, sent_bytes, sent_packets, drops, overlimits, backlog,
+                changes, attachments)  # fmt: skip
 
 
 class NodeCollector:

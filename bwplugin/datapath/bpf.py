@@ -17,7 +17,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -36,12 +36,20 @@ PROGRAMS = ("bwp_from_pod", "bwp_from_pod_mirred", "bwp_to_pod")
 
 # bwp_val.flags (see bpf/bwplugin.c)
 F_EGRESS_SHAPED, F_INGRESS_SHAPED, F_SUBNETS, F_LISTED_UNSHAPED = 1, 2, 4, 8
+# bwp_shaping.flags: which settings a live change overrides, and what ADD knew
+S_INGRESS_OVERRIDE, S_EGRESS_OVERRIDE, S_SUBNETS_OVERRIDE = 1, 2, 4
+S_STATIC = 8  # ADD's rates came from the conflist's own keys, not from runtimeConfig
+S_REDIRECT_BPF, S_REDIRECT_MIRRED = 16, 32  # egressRedirect forced (neither: auto)
+S_SHAPED_LIST = 64  # under S_SUBNETS_OVERRIDE: the list is shapedSubnets
+S_OVERRIDES = S_INGRESS_OVERRIDE | S_EGRESS_OVERRIDE | S_SUBNETS_OVERRIDE
+INGRESS, EGRESS = 0, 1  # bwp_shaping's array indices
 
 KEY = struct.Struct("=I")  # attachment id (the filters' classid)
 VAL = struct.Struct("=IIIIQQ8Q16s128s")  # struct bwp_val
 LPM_KEY = struct.Struct("=IHBx16s")  # struct bwp_lpm_key
 LPM_VAL = struct.Struct("=B")
 POD_VAL = struct.Struct("=64s256s64s")  # struct bwp_pod
+SHAPING_VAL = struct.Struct("=8QQIIIIII")  # struct bwp_shaping
 CID_MAX = 127
 
 
@@ -58,8 +66,8 @@ def source_path() -> Path:
     return wheel if wheel.exists() else package.parent / "bpf" / "bwplugin.c"  # a checkout or a --lib copy
 
 
-def lock_path() -> Path:
-    return Path(settings.get("BWPLUGIN_RUN_DIR") or "/run/bwplugin") / "bpf.lock"
+def lock_path(name: str = "bpf.lock") -> Path:
+    return Path(settings.get("BWPLUGIN_RUN_DIR") or "/run/bwplugin") / name
 
 
 # ---------------------------------------------------------------- bpf(2), through libbpf
@@ -242,13 +250,19 @@ def attach_new(map_fd: int, entry: AttachEntry) -> int:
     raise OSError(errno.ENOSPC, f"all {MAX_ATTACH} attachment ids are in use")
 
 
-def attach_set_ifb(map_fd: int, attach_id: int, ifb_index: int) -> None:
-    """Point an existing entry at its ifb. The counters are zero here (no filter
-    runs yet), so rewriting the whole value loses nothing."""
+def attach_update(map_fd: int, attach_id: int, *, ifb_index: int | None = None, flags: int | None = None) -> None:
+    """Rewrite an entry's ifb_index or flags. The value is written whole, so the
+    counts the programs add between this read and the write are lost: none at
+    ADD (no filter runs yet), a few microseconds' worth in a live change."""
     entry = attach_get(map_fd, attach_id)
     if entry is None:
         raise OSError(errno.ENOENT, f"attach map entry {attach_id} vanished")
-    map_update(map_fd, attach_key(attach_id), replace(entry, ifb_index=ifb_index).pack(), BPF_EXIST)
+    entry = replace(
+        entry,
+        ifb_index=entry.ifb_index if ifb_index is None else ifb_index,
+        flags=entry.flags if flags is None else flags,
+    )
+    map_update(map_fd, attach_key(attach_id), entry.pack(), BPF_EXIST)
 
 
 def attach_get(map_fd: int, attach_id: int) -> AttachEntry | None:
@@ -281,12 +295,12 @@ def release(map_fd: int, lpm_fd: int | None, attach_id: int) -> None:
         return
     if lpm_fd is not None and entry.flags & F_SUBNETS:
         subnets_delete(lpm_fd, attach_id)
-    pods_fd = open_pods()
-    if pods_fd is not None:
-        try:
-            map_delete(pods_fd, attach_key(attach_id))
-        finally:
-            close_fds(pods_fd)
+    for fd in (open_pods(), open_shaping()):
+        if fd is not None:
+            try:
+                map_delete(fd, attach_key(attach_id))
+            finally:
+                close_fds(fd)
     map_delete(map_fd, attach_key(attach_id))
 
 
@@ -313,6 +327,56 @@ def pod_set(pods_fd: int, attach_id: int, pod: PodEntry) -> None:
 
 def pod_entries(pods_fd: int) -> dict[int, PodEntry]:
     return {KEY.unpack(k)[0]: PodEntry.unpack(v) for k, v in map_items(pods_fd, KEY.size, POD_VAL.size)}
+
+
+# ---------------------------------------------------------------- shaping (rates in force)
+
+
+@dataclass(frozen=True)
+class ShapingEntry:
+    """struct bwp_shaping: rates as (bits/s, bits) pairs, (0, 0) for unshaped;
+    index INGRESS (to the pod) or EGRESS (from it)."""
+
+    add: tuple[tuple[int, int], tuple[int, int]]
+    now: tuple[tuple[int, int], tuple[int, int]]
+    subnets_digest: int
+    latency_us: int
+    max_burst_us: int
+    mtu: int
+    gso_max: int
+    flags: int
+    changes: int = 0
+
+    def pack(self) -> bytes:
+        return SHAPING_VAL.pack(
+            self.add[0][0], self.add[1][0], self.add[0][1], self.add[1][1],
+            self.now[0][0], self.now[1][0], self.now[0][1], self.now[1][1],
+            self.subnets_digest, self.latency_us, self.max_burst_us, self.mtu, self.gso_max, self.flags, self.changes,
+        )  # fmt: skip
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> ShapingEntry:
+        f = SHAPING_VAL.unpack_from(raw)
+        return cls(((f[0], f[2]), (f[1], f[3])), ((f[4], f[6]), (f[5], f[7])), *f[8:])
+
+
+def subnets_digest(nets: Iterable[IPv4Network | IPv6Network]) -> int:
+    """Order-free digest of a prefix list (0 for none)."""
+    text = ",".join(sorted(str(n) for n in nets))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") if text else 0
+
+
+def shaping_set(fd: int, attach_id: int, entry: ShapingEntry) -> None:
+    map_update(fd, attach_key(attach_id), entry.pack())
+
+
+def shaping_get(fd: int, attach_id: int) -> ShapingEntry | None:
+    raw = map_lookup(fd, attach_key(attach_id), SHAPING_VAL.size)
+    return None if raw is None else ShapingEntry.unpack(raw)
+
+
+def shaping_entries(fd: int) -> dict[int, ShapingEntry]:
+    return {KEY.unpack(k)[0]: ShapingEntry.unpack(v) for k, v in map_items(fd, KEY.size, SHAPING_VAL.size)}
 
 
 def owner_hash(network: str, container_id: str, ifname: str) -> int:
@@ -366,6 +430,7 @@ class Programs:
     map_fd: int
     lpm_fd: int
     pods_fd: int
+    shaping_fd: int
     version: str  # digest of source + layout: part of every pin and filter name
 
     def fd(self, name: str) -> int:
@@ -379,7 +444,7 @@ class Programs:
         return obj_id(self.fds[name])
 
     def close(self) -> None:
-        for fd in (*self.fds.values(), self.map_fd, self.lpm_fd, self.pods_fd):
+        for fd in (*self.fds.values(), self.map_fd, self.lpm_fd, self.pods_fd, self.shaping_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -394,6 +459,10 @@ def lpm_path() -> Path:
 
 def pods_path() -> Path:
     return pin_dir() / f"pods_v{MAP_LAYOUT}"
+
+
+def shaping_path() -> Path:
+    return pin_dir() / f"shaping_v{MAP_LAYOUT}"
 
 
 _DIGESTS: dict[tuple[Path, float], str] = {}
@@ -425,14 +494,15 @@ def open_pinned() -> Programs | None:
     try:
         for name in PROGRAMS:
             fds[name] = obj_get(prog_path(name, ver))
-        for name, path in (("map", map_path()), ("lpm", lpm_path()), ("pods", pods_path())):
+        maps = (("map", map_path()), ("lpm", lpm_path()), ("pods", pods_path()), ("shaping", shaping_path()))
+        for name, path in maps:
             fds[name] = obj_get(path)
     except OSError:
         for fd in fds.values():
             os.close(fd)
         return None
-    map_fd, lpm_fd, pods_fd = fds.pop("map"), fds.pop("lpm"), fds.pop("pods")  # fds: programs only
-    return Programs(fds, map_fd, lpm_fd, pods_fd, ver)
+    map_fd, lpm_fd, pods_fd, shaping_fd = (fds.pop(name) for name, _path in maps)  # fds: programs only
+    return Programs(fds, map_fd, lpm_fd, pods_fd, shaping_fd, ver)
 
 
 def close_fds(*fds: int | None) -> None:
@@ -442,26 +512,28 @@ def close_fds(*fds: int | None) -> None:
             os.close(fd)
 
 
-def open_map() -> int | None:
-    """The attach map alone (DEL and GC need no program)."""
+def _open_pin(path: Path) -> int | None:
     try:
-        return obj_get(map_path())
+        return obj_get(path)
     except OSError:
         return None
+
+
+def open_map() -> int | None:
+    """The attach map alone (DEL and GC need no program)."""
+    return _open_pin(map_path())
 
 
 def open_lpm() -> int | None:
-    try:
-        return obj_get(lpm_path())
-    except OSError:
-        return None
+    return _open_pin(lpm_path())
 
 
 def open_pods() -> int | None:
-    try:
-        return obj_get(pods_path())
-    except OSError:
-        return None
+    return _open_pin(pods_path())
+
+
+def open_shaping() -> int | None:
+    return _open_pin(shaping_path())
 
 
 def programs() -> Programs:
@@ -485,11 +557,11 @@ LOCK_WAIT = 150.0  # s: longer than a compile can take (the child is killed at C
 
 
 @contextlib.contextmanager
-def node_lock(wait: float | None = None) -> Iterator[None]:
-    """Serialises compiling and probing on a node; the kernel drops it if we die.
-    A process that cannot get it in time answers "try again later" (code 11)
-    rather than waiting without bound."""
-    lock = lock_path()
+def node_lock(wait: float | None = None, name: str = "bpf.lock") -> Iterator[None]:
+    """Serialises compiling and probing on a node (or, by name, live changes);
+    the kernel drops it if we die. A process that cannot get it in time answers
+    "try again later" (code 11) rather than waiting without bound."""
+    lock = lock_path(name)
     lock.parent.mkdir(parents=True, exist_ok=True)
     if wait is None:
         wait = float(settings.get("BWPLUGIN_LOCK_WAIT") or LOCK_WAIT)
@@ -551,6 +623,7 @@ def compile_and_pin(src: str, pins: str) -> None:
         f'-DBWP_MAP_PIN="{pdir}/attach_v{MAP_LAYOUT}"',
         f'-DBWP_LPM_PIN="{pdir}/subnets_v{MAP_LAYOUT}"',
         f'-DBWP_POD_PIN="{pdir}/pods_v{MAP_LAYOUT}"',
+        f'-DBWP_SHAPING_PIN="{pdir}/shaping_v{MAP_LAYOUT}"',
         f"-DBWP_MAX_ATTACH={MAX_ATTACH}",
         f"-DBWP_MAX_SUBNETS={MAX_SUBNETS}",
         "-w",

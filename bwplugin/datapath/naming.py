@@ -28,6 +28,17 @@ def network_tag(network: str) -> str:
     return hashlib.sha256(network.encode()).hexdigest()[:12]
 
 
+# The map entries keep the first 8 bytes of each digest as a little-endian u64
+# (bpf.owner_hash, bpf.network_hash): the names follow from those alone, which a
+# live change needs (it knows the attachment, not the network's name).
+def ifb_name_of_owner(owner: int) -> str:
+    return IFB_PREFIX + owner.to_bytes(8, "little").hex()[: 15 - len(IFB_PREFIX)]
+
+
+def network_tag_of(network_hash: int) -> str:
+    return network_hash.to_bytes(8, "little").hex()[:12]
+
+
 @dataclass(frozen=True)
 class IfbLabel:
     network_tag: str

@@ -43,6 +43,8 @@ TBF_HANDLE = ROOT_HANDLE
 CLASS_SHAPED = ROOT_HANDLE | 1  # b0d0:1 (bpf/bwplugin.c puts these in skb->priority)
 CLASS_UNSHAPED = ROOT_HANDLE | 2  # b0d0:2
 LEAF_HANDLE = {CLASS_SHAPED: 0xB0D10000, CLASS_UNSHAPED: 0xB0D20000}  # the classes' bfifos
+PURGE_HANDLE = 0xB0D90000  # a TBF's inner fifo after a purge (see purge_tbf_queue)
+NLM_F_REPLACE = 0x100
 FILTER_PRIO = 0xB0D
 FILTER_HANDLE = 1
 ETH_P_ALL_BE = 0x0300  # htons(ETH_P_ALL)
@@ -134,14 +136,33 @@ def _ratespec(rate: int) -> tuple[int, int, int, int, int, int]:
     return (0, TC_LINKLAYER_ETHERNET, 0, 0, 0, min(rate, 0xFFFFFFFF))
 
 
-def add_tbf(nl: Netlink, index: int, params: TBFParams) -> None:
-    """A root TBF (exclusive create: never replaces somebody else's root)."""
+def _tbf_options(params: TBFParams) -> bytes:
     qopt = _TBF_QOPT.pack(*_ratespec(params.rate), *_ratespec(0), params.limit, params.buffer_ticks, 0)
     opts = nla(TCA_TBF_PARMS, qopt) + nla_u32(TCA_TBF_BURST, params.burst)
     if params.rate > 0xFFFFFFFF:
         opts += nla_u64(TCA_TBF_RATE64, params.rate)
-    body = tcmsg(index, TBF_HANDLE, TC_H_ROOT) + nla_str(TCA_KIND, "tbf") + nla(TCA_OPTIONS, opts)
+    return nla_str(TCA_KIND, "tbf") + nla(TCA_OPTIONS, opts)
+
+
+def add_tbf(nl: Netlink, index: int, params: TBFParams) -> None:
+    """A root TBF (exclusive create: never replaces somebody else's root)."""
+    body = tcmsg(index, TBF_HANDLE, TC_H_ROOT) + _tbf_options(params)
     _create(nl, RTM_NEWQDISC, body, "tbf", f"add tbf on ifindex {index}")
+
+
+def change_tbf(nl: Netlink, index: int, params: TBFParams) -> None:
+    """Our root TBF's rate, bucket and queue changed in place (no create flag: the
+    kernel refuses if it is gone). The queued packets stay; only the bucket refills."""
+    body = tcmsg(index, TBF_HANDLE, TC_H_ROOT) + _tbf_options(params)
+    nl.request(RTM_NEWQDISC, 0, body, f"change tbf on ifindex {index}")
+
+
+def purge_tbf_queue(nl: Netlink, index: int, limit: int) -> None:
+    """Replace our TBF's inner fifo with an empty one (the queued packets are
+    dropped): the last resort when a queued packet can never fit the bucket."""
+    body = tcmsg(index, PURGE_HANDLE, ROOT_HANDLE | 1) + nla_str(TCA_KIND, "bfifo")
+    body += nla(TCA_OPTIONS, struct.pack("=I", limit))
+    nl.request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_REPLACE, body, f"purge tbf queue on ifindex {index}")
 
 
 def add_root_qdisc(nl: Netlink, index: int, kind: str) -> None:
@@ -171,17 +192,39 @@ def add_htb(nl: Netlink, index: int, params: TBFParams, default_shaped: bool, mt
         (CLASS_SHAPED, params.rate, params.htb_buffer_ticks, htb_leaf_limit(params, mtu)),
         (CLASS_UNSHAPED, UNSHAPED_RATE, unshaped_ticks, UNSHAPED_LIMIT),
     ):
-        opt = _HTB_OPT.pack(*_ratespec(rate), *_ratespec(rate), ticks, ticks, htb_quantum(rate, mtu), 0, 0)
-        opts = nla(TCA_HTB_PARMS, opt)
-        if rate > 0xFFFFFFFF:
-            opts += nla_u64(TCA_HTB_RATE64, rate) + nla_u64(TCA_HTB_CEIL64, rate)
-        body = tcmsg(index, classid, ROOT_HANDLE) + nla_str(TCA_KIND, "htb") + nla(TCA_OPTIONS, opts)
-        _create(nl, RTM_NEWTCLASS, body, "htb", f"add htb class {classid >> 16:x}:{classid & 0xFFFF:x} on {index}")
+        _htb_class(nl, index, classid, rate, ticks, mtu, create=True)
         # an explicit byte fifo: the default leaf is a pfifo of txqueuelen packets
         # (32 on an ifb), which is neither a latency bound nor a byte bound
-        body = tcmsg(index, LEAF_HANDLE[classid], classid) + nla_str(TCA_KIND, "bfifo")
-        body += nla(TCA_OPTIONS, struct.pack("=I", limit))
-        _create(nl, RTM_NEWQDISC, body, "bfifo", f"add bfifo under class {classid & 0xFFFF:x} on {index}")
+        _bfifo(nl, index, classid, limit, create=True)
+
+
+def change_htb(nl: Netlink, index: int, params: TBFParams, mtu: int) -> None:
+    """Our HTB's shaped class and its bfifo changed in place; queues are kept."""
+    _htb_class(nl, index, CLASS_SHAPED, params.rate, params.htb_buffer_ticks, mtu, create=False)
+    _bfifo(nl, index, CLASS_SHAPED, htb_leaf_limit(params, mtu), create=False)
+
+
+def _htb_class(nl: Netlink, index: int, classid: int, rate: int, ticks: int, mtu: int, create: bool) -> None:
+    opt = _HTB_OPT.pack(*_ratespec(rate), *_ratespec(rate), ticks, ticks, htb_quantum(rate, mtu), 0, 0)
+    opts = nla(TCA_HTB_PARMS, opt)
+    if rate > 0xFFFFFFFF:
+        opts += nla_u64(TCA_HTB_RATE64, rate) + nla_u64(TCA_HTB_CEIL64, rate)
+    body = tcmsg(index, classid, ROOT_HANDLE) + nla_str(TCA_KIND, "htb") + nla(TCA_OPTIONS, opts)
+    what = f"{'add' if create else 'change'} htb class {classid >> 16:x}:{classid & 0xFFFF:x} on {index}"
+    if create:
+        _create(nl, RTM_NEWTCLASS, body, "htb", what)
+    else:
+        nl.request(RTM_NEWTCLASS, 0, body, what)
+
+
+def _bfifo(nl: Netlink, index: int, classid: int, limit: int, create: bool) -> None:
+    body = tcmsg(index, LEAF_HANDLE[classid], classid) + nla_str(TCA_KIND, "bfifo")
+    body += nla(TCA_OPTIONS, struct.pack("=I", limit))
+    what = f"{'add' if create else 'change'} bfifo under class {classid & 0xFFFF:x} on {index}"
+    if create:
+        _create(nl, RTM_NEWQDISC, body, "bfifo", what)
+    else:
+        nl.request(RTM_NEWQDISC, 0, body, what)
 
 
 def add_clsact(nl: Netlink, index: int) -> None:
@@ -190,11 +233,19 @@ def add_clsact(nl: Netlink, index: int) -> None:
 
 
 def add_bpf_filter(
-    nl: Netlink, index: int, hook: int, prog_fd: int, name: str, classid: int, mirred_to: int | None = None
+    nl: Netlink,
+    index: int,
+    hook: int,
+    prog_fd: int,
+    name: str,
+    classid: int,
+    mirred_to: int | None = None,
+    replace: bool = False,
 ) -> None:
     """cls_bpf on a clsact hook, in direct-action mode, or (mirred_to) as a plain
     classifier whose match runs an act_mirred redirect to that ifindex. cls_bpf
-    hands the classid to the program in skb->tc_classid: it is the attachment id."""
+    hands the classid to the program in skb->tc_classid: it is the attachment id.
+    replace: swap our existing filter for this one atomically (a live change)."""
     opts = nla_u32(TCA_BPF_CLASSID, classid) + nla_u32(TCA_BPF_FD, prog_fd) + nla_str(TCA_BPF_NAME, name)
     if mirred_to is None:
         opts += nla_u32(TCA_BPF_FLAGS, TCA_BPF_FLAG_ACT_DIRECT)
@@ -204,7 +255,8 @@ def add_bpf_filter(
         opts += nla_nested(TCA_BPF_ACT, nla_nested(1, action))
     info = (FILTER_PRIO << 16) | ETH_P_ALL_BE
     body = tcmsg(index, FILTER_HANDLE, hook, info) + nla_str(TCA_KIND, "bpf") + nla(TCA_OPTIONS, opts)
-    _create(nl, RTM_NEWTFILTER, body, "bpf", f"add bpf filter on ifindex {index}")
+    what = f"{'replace' if replace else 'add'} bpf filter on ifindex {index}"
+    _create(nl, RTM_NEWTFILTER, body, "bpf", what, flags=0 if replace else NLM_F_EXCL)
 
 
 def delete_qdisc(nl: Netlink, index: int, parent: int, handle: int) -> bool:

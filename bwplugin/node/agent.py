@@ -24,13 +24,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import cli
 from ..cni import settings
 from ..commands import delete, gc
 from ..datapath.netlink import Link, Netlink
-from .client import DEFAULT_SOCKET, FORWARDED
+from .client import DEFAULT_SOCKET, FORWARDED, OP
+
+if TYPE_CHECKING:
+    from .watch import PodWatcher
 
 MAX_HEADER = 64  # bytes of the "<env> <stdin>" length line
 MAX_ENV = 64 << 10  # the CNI_* variables
@@ -53,7 +56,7 @@ def decode_request(head: bytes, read: Callable[[int], bytes]) -> tuple[dict[str,
     env = {}
     for item in block.split(b"\0"):
         key, sep, value = item.decode().partition("=")
-        if sep and key.startswith(FORWARDED):
+        if sep and (key.startswith(FORWARDED) or key == OP and value == "set"):
             env[key] = value
     return env, stdin
 
@@ -93,10 +96,16 @@ class Handler(socketserver.StreamRequestHandler):
         lines: list[str] = []
         start = time.perf_counter()
         with settings.request(env, lines):
-            code, out = cli.run(env, stdin)
+            if env.get(OP) == "set":
+                code, set_out = cli.run_set(stdin)
+                out: dict[str, Any] | None = set_out
+                command = "SET"
+            else:
+                code, out = cli.run(env, stdin)
+                command = env.get("CNI_COMMAND", "")
         metrics = cast(Server, self.server).metrics
         if metrics is not None:
-            metrics.observe(env.get("CNI_COMMAND", ""), out, time.perf_counter() - start)
+            metrics.observe(command, out, time.perf_counter() - start)
         with contextlib.suppress(OSError):  # the client may be gone; the work is done
             self.wfile.write(encode_reply(code, out, lines))
 
@@ -227,12 +236,33 @@ class AgentMetrics:
             "bwplugin_agent_request_seconds", "Time the agent took to answer an ADD or DEL.", ["command"],
             buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5), registry=self.registry,
         )  # fmt: skip
+        self.live_changes = Counter(
+            "bwplugin_agent_live_changes", "Live changes the agent applied (bwplugin set, the annotation watch).",
+            ["origin"], registry=self.registry,
+        )  # fmt: skip
+        self.watch = {
+            "events": Counter("bwplugin_agent_watch_events", "Pod watch events received.", ["type"],
+                              registry=self.registry),
+            "errors": Counter("bwplugin_agent_watch_errors", "Pod watch failures (410 Gone, connection, API, "
+                              "annotation).", ["reason"], registry=self.registry),
+            "lists": Counter("bwplugin_agent_watch_lists", "Times the watch listed the node's pods.",
+                             registry=self.registry),
+        }  # fmt: skip
+
+    def count(self, metric: str, label: str) -> None:
+        """The annotation watch's counts ("applied" is counted as a live change)."""
+        if metric == "lists":
+            self.watch["lists"].inc()
+        elif metric in self.watch:
+            self.watch[metric].labels(label).inc()
 
     def observe(self, command: str, out: dict[str, Any] | None, seconds: float) -> None:
         code = str(out.get("code", 0)) if out and "code" in out else "0"
         self.requests.labels(command=command or "?", code=code).inc()
         if command in ("ADD", "DEL"):
             self.seconds.labels(command=command).observe(seconds)
+        if command == "SET" and out and out.get("changed"):
+            self.live_changes.labels(origin=str(out.get("origin", "cli"))).inc()
 
     def serve(self, address: str) -> None:
         from prometheus_client import start_http_server
@@ -241,7 +271,33 @@ class AgentMetrics:
         start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
 
 
-def serve(path: Path, ready: threading.Event | None = None, metrics_address: str | None = None) -> None:
+def start_watch(node: str, kubeconfig: str | None, metrics: AgentMetrics | None) -> PodWatcher:
+    """The annotation watch, in a thread of its own, applying changes through the
+    same call the socket's `bwplugin set` requests take."""
+    from .watch import PodWatcher
+
+    def apply(request: bytes) -> tuple[int, dict[str, Any]]:
+        start = time.perf_counter()
+        code, out = cli.run_set(request)
+        if metrics is not None:
+            metrics.observe("SET", out, time.perf_counter() - start)
+        return code, out
+
+    def log(msg: str) -> None:
+        print(f"bwplugin agent: {msg}", file=sys.stderr, flush=True)
+
+    watcher = PodWatcher(node, apply, log, metrics.count if metrics else lambda _m, _l: None, kubeconfig)
+    threading.Thread(target=watcher.run, name="bwplugin-pod-watch", daemon=True).start()
+    return watcher
+
+
+def serve(
+    path: Path,
+    ready: threading.Event | None = None,
+    metrics_address: str | None = None,
+    watch_node: str | None = None,
+    kubeconfig: str | None = None,
+) -> None:
     if not path.parent.exists():
         # a directory of our own, root only; an existing one (say /run) is left as it is
         path.parent.mkdir(parents=True)
@@ -265,6 +321,7 @@ def serve(path: Path, ready: threading.Event | None = None, metrics_address: str
     signal.signal(signal.SIGINT, stop)
     releaser = Releaser()
     delete.ifb_releaser = releaser
+    watcher = start_watch(watch_node, kubeconfig, metrics) if watch_node else None
     print(f"bwplugin agent: serving {path} (pid {os.getpid()}), swept {swept} orphan ifb(s)", file=sys.stderr,
           flush=True)  # fmt: skip
     if ready:
@@ -274,6 +331,8 @@ def serve(path: Path, ready: threading.Event | None = None, metrics_address: str
     finally:
         # stop accepting (clients not yet accepted fail, and their runtimes retry),
         # let the requests in flight finish, then release the ifbs they left
+        if watcher is not None:
+            watcher.stop.set()
         server.server_close()
         if path.exists():
             path.unlink()
@@ -290,8 +349,26 @@ def main() -> int:
         "--metrics-address", metavar="HOST:PORT",
         help="serve Prometheus /metrics there (off by default; the agent runs in the host netns, so keep it local)",
     )  # fmt: skip
+    parser.add_argument(
+        "--watch-pods", action="store_true",
+        help="apply changed bandwidth annotations of this node's pods live (needs the `kubernetes` package and "
+        "API access: list and watch pods)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--node-name", default=os.environ.get("NODE_NAME", ""),
+        help="this node's name, for --watch-pods (default: $NODE_NAME, from the downward API)",
+    )  # fmt: skip
+    parser.add_argument("--kubeconfig", help="for --watch-pods: a kubeconfig file (default: in-cluster config)")
     args = parser.parse_args()
-    serve(args.socket, metrics_address=args.metrics_address)
+    if args.watch_pods and not args.node_name:
+        parser.error("--watch-pods needs --node-name or $NODE_NAME")
+    if args.watch_pods:
+        try:
+            import kubernetes  # noqa: F401 (checked here, so a missing client stops the start, not a thread)
+        except ImportError:
+            parser.error("--watch-pods needs the `kubernetes` package (Debian: python3-kubernetes; pip: kubernetes)")
+    serve(args.socket, metrics_address=args.metrics_address, watch_node=args.node_name if args.watch_pods else None,
+          kubeconfig=args.kubeconfig)  # fmt: skip
     return 0
 
 

@@ -18,6 +18,7 @@ import sys
 
 DEFAULT_SOCKET = "/run/bwplugin/agent.sock"
 FORWARDED = ("CNI_",)  # the CNI protocol only: the agent's settings are its own
+OP = "BWPLUGIN_OP"  # the one other key a request may carry: "set", a live change
 TRY_AGAIN = 11  # CNI "try again later"
 AF_UNIX, SOCK_STREAM, SHUT_WR = 1, 1, 1
 
@@ -65,19 +66,24 @@ def _agent_failed(stdin: bytes, exc: Exception) -> int:
     return 1
 
 
-def forward(sock: _socket.socket, stdin: bytes) -> int:
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+def exchange(sock: _socket.socket, env: dict[str, str], stdin: bytes) -> tuple[int, bytes, bytes]:
     try:
         sock.sendall(encode_request(env, stdin))
         sock.shutdown(SHUT_WR)
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-        code, out, err = decode_reply(b"".join(chunks))
-    except (OSError, ValueError) as exc:
-        return _agent_failed(stdin, exc)
+        return decode_reply(b"".join(chunks))
     finally:
         sock.close()
+
+
+def forward(sock: _socket.socket, stdin: bytes) -> int:
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+    try:
+        code, out, err = exchange(sock, env, stdin)
+    except (OSError, ValueError) as exc:
+        return _agent_failed(stdin, exc)
     if err:
         sys.stderr.buffer.write(err)
     if out:
@@ -85,8 +91,30 @@ def forward(sock: _socket.socket, stdin: bytes) -> int:
     return code
 
 
+def live_set(argv: list[str]) -> int:
+    """`bwplugin set`: through the agent when one listens (it also serves the
+    annotation watch, and counts the change), else in this process."""
+    import json
+
+    from bwplugin import cli
+
+    request, as_json = cli.set_request(argv)
+    sock = _connect()
+    if sock is None:
+        return cli.print_set(*cli.run_set(request), as_json)
+    try:
+        code, out, err = exchange(sock, {OP: "set"}, request)
+    except (OSError, ValueError) as exc:
+        print(f"bwplugin set: the agent failed: {exc}; nothing is known to have changed", file=sys.stderr)
+        return 1
+    sys.stderr.buffer.write(err)
+    return cli.print_set(code, json.loads(out), as_json)
+
+
 def main() -> int:
-    if len(sys.argv) > 1:  # runtimes pass no arguments; people run `bwplugin stats`
+    if len(sys.argv) > 1:  # runtimes pass no arguments; people run `bwplugin stats` or `set`
+        if sys.argv[1] == "set":
+            return live_set(sys.argv[2:])
         from bwplugin.cli import tool
 
         return tool(sys.argv[1:])

@@ -1,0 +1,352 @@
+"""`bwplugin set`: change a running attachment's shaping in place, without
+touching the pod. Rates and buckets are changed on the existing qdiscs (their
+queues and the pod's connections survive); a direction shaped anew gets its
+qdisc (and ifb) before the programs are told to steer into it; a direction
+lifted is first un-steered, then its objects go. The attachment's record
+(bpf.ShapingEntry) keeps the values in force, so CHECK, stats and DEL know."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..cni.change import Change, DirectionChange, Selector
+from ..cni.config import Direction, Policy, Subnets
+from ..cni.errors import ContainerUnknownError, ForeignObjectError, InvalidConfigError
+from ..cni.settings import log
+from ..datapath import bpf, probe, tc
+from ..datapath.naming import IfbLabel, ifb_name_of_owner, network_tag_of
+from ..datapath.netlink import Link, Netlink
+from ..datapath.shaping import TBFParams, tbf_params
+from .add import add_ifb, add_root
+from .common import HostVeth, Undo, direction_of
+
+# what a direction shaped anew gets when no burst is given: the runtimes' own
+# default (containerd's), which maxBurstMs then caps to a few ms at the rate
+DEFAULT_BURST = 4294967295
+DIRECTIONS = (("ingress", bpf.INGRESS, bpf.S_INGRESS_OVERRIDE), ("egress", bpf.EGRESS, bpf.S_EGRESS_OVERRIDE))
+
+
+@dataclass(frozen=True)
+class Target:
+    attach_id: int
+    entry: bpf.AttachEntry
+    pod: bpf.PodEntry
+    host: Link
+
+
+def cmd_set(change: Change) -> dict[str, Any]:
+    with Netlink() as nl:
+        progs = bpf.open_pinned()
+        if progs is None:
+            raise ContainerUnknownError(
+                f"no attachment matches {change.selector.describe()}: nothing is pinned under {bpf.pin_dir()} "
+                "(no pod on this node is shaped by bwplugin)"
+            )
+        try:
+            # one live change at a time (the CLI and the annotation watch); not the
+            # compile lock, which the redirect probe below takes for itself
+            with bpf.node_lock(name="set.lock"):
+                target = resolve(nl, progs, change.selector)
+                old = bpf.shaping_get(progs.shaping_fd, target.attach_id) or _legacy(target)
+                new = plan(old, target.entry, change)
+                if new.now != old.now or new.subnets_digest != old.subnets_digest or new.flags != old.flags:
+                    apply(nl, progs, target, old, new, change.subnets)
+                    new = replace(new, changes=old.changes + 1)
+                    bpf.shaping_set(progs.shaping_fd, target.attach_id, new)
+                    changed = True
+                else:
+                    changed = False
+                return describe(nl, progs, target, new, changed, change.origin)
+        finally:
+            progs.close()
+
+
+def resolve(nl: Netlink, progs: bpf.Programs, sel: Selector) -> Target:
+    """Exactly one attachment whose every given field matches, and whose veth
+    still carries its filters (an entry without them is stale, not a target)."""
+    pods = bpf.pod_entries(progs.pods_fd)
+    matches = []
+    for attach_id, entry in bpf.attach_entries(progs.map_fd).items():
+        pod = pods.get(attach_id, bpf.PodEntry("", "", ""))
+        if sel.pod and (pod.namespace, pod.name) != (sel.namespace, sel.pod):
+            continue
+        if sel.container and not entry.container_id.startswith(sel.container):
+            continue
+        if sel.ifname and entry.ifname != sel.ifname:
+            continue
+        host = nl.link(index=entry.host_index)
+        if host is None or (sel.veth and host.name != sel.veth) or tc.our_classid(nl, host.index) != attach_id:
+            continue
+        matches.append(Target(attach_id, entry, pod, host))
+    if not matches:
+        raise ContainerUnknownError(f"no attachment shaped by bwplugin matches {sel.describe()}")
+    if len(matches) > 1:
+        found = "; ".join(
+            f"{m.pod.namespace}/{m.pod.name} container {m.entry.container_id[:13]} if {m.entry.ifname}" for m in matches
+        )
+        raise InvalidConfigError(
+            f"{len(matches)} attachments match {sel.describe()}: {found}; add --ifname or --container to choose one"
+        )
+    return matches[0]
+
+
+def _legacy(target: Target) -> bpf.ShapingEntry:
+    """An attachment made before records were kept has no policy to size new queues with."""
+    raise InvalidConfigError(
+        f"attachment {target.attach_id} ({target.entry.container_id[:13]}) was made by an older bwplugin that kept "
+        "no shaping record: recreate the pod to change it live"
+    )
+
+
+def _direction(old: tuple[int, int], add: tuple[int, int], dc: DirectionChange, what: str) -> tuple[int, int]:
+    if dc.rate == 0:
+        return (0, 0)
+    rate, burst = old
+    if dc.rate is not None:
+        rate = dc.rate
+    if rate == 0:
+        raise InvalidConfigError(f"{what}Burst is given but {what} is not shaped: give {what} too")
+    if dc.burst is not None:
+        burst = dc.burst
+    elif burst == 0:
+        burst = add[1] or DEFAULT_BURST
+    return (rate, burst)
+
+
+def plan(old: bpf.ShapingEntry, entry: bpf.AttachEntry, change: Change) -> bpf.ShapingEntry:
+    """The record after the change (pure: nothing is touched yet). A direction
+    is overridden exactly while its values differ from ADD's."""
+    if change.origin == "watch" and old.flags & bpf.S_STATIC:
+        return old  # the conflist's own rates won over the annotations at ADD; they still do
+    now = list(old.add if change.reset else old.now)
+    flags = old.flags
+    for what, i, bit in DIRECTIONS:
+        dc = getattr(change, what)
+        if dc.given:
+            now[i] = _direction(old.now[i], old.add[i], dc, what)
+        flags = flags | bit if now[i] != old.add[i] else flags & ~bit
+    digest = old.subnets_digest
+    if change.subnets is not None:
+        if not entry.flags & bpf.F_SUBNETS:
+            raise InvalidConfigError(
+                f"{change.subnets.key} can change live only on an attachment made with subnets (an HTB); "
+                "this one has a plain TBF: recreate the pod with shapedSubnets or unshapedSubnets"
+            )
+        digest = bpf.subnets_digest(change.subnets.networks)
+        flags |= bpf.S_SUBNETS_OVERRIDE
+        flags = flags | bpf.S_SHAPED_LIST if change.subnets.listed_shaped else flags & ~bpf.S_SHAPED_LIST
+    return replace(old, now=(now[0], now[1]), subnets_digest=digest, flags=flags)
+
+
+def _policy(rec: bpf.ShapingEntry) -> Policy:
+    redirect = "mirred" if rec.flags & bpf.S_REDIRECT_MIRRED else "bpf" if rec.flags & bpf.S_REDIRECT_BPF else "auto"
+    return Policy(rec.latency_us / 1000, rec.max_burst_us / 1000, redirect)
+
+
+def apply(
+    nl: Netlink, progs: bpf.Programs, t: Target, old: bpf.ShapingEntry, new: bpf.ShapingEntry, subnets: Subnets | None
+) -> None:
+    """Three phases, so that no packet is ever steered at something missing:
+    create or change what stays shaped, switch the programs over (one map write),
+    then remove what no longer shapes anything."""
+    policy = _policy(new)
+    host = HostVeth(t.host.index, t.host.name, new.mtu or t.host.mtu or 1500, new.gso_max or 65536)
+    split = Subnets(not t.entry.flags & bpf.F_LISTED_UNSHAPED, ()) if t.entry.flags & bpf.F_SUBNETS else None
+    if subnets is not None:
+        split = subnets
+    ifb_name = ifb_name_of_owner(t.entry.owner)
+    ifb = nl.link(name=ifb_name) if t.entry.ifb_index else None
+    flags, ifb_index = t.entry.flags, t.entry.ifb_index
+    undo = Undo()
+    try:
+        for what, i, _bit in DIRECTIONS:
+            before, after = direction_of(old.now[i]), direction_of(new.now[i])
+            if after is None:
+                continue  # unshaped, or lifted (below, once nothing steers into it)
+            flags |= bpf.F_INGRESS_SHAPED if i == bpf.INGRESS else bpf.F_EGRESS_SHAPED
+            if what == "egress" and ifb is None:  # shaped anew: an ifb, its qdisc, then the steering
+                label = IfbLabel(
+                    network_tag_of(t.entry.network), t.attach_id, host.index, t.entry.ifname, t.entry.container_id
+                )
+                ifb = add_ifb(nl, ifb_name, label, host.mtu, undo)
+                add_root(nl, ifb.index, what, after, policy, split, host, undo)
+                ifb_index = ifb.index
+                _steer_egress(nl, progs, t, policy, ifb.index, undo)
+            elif before is None:
+                _claim_root(nl, host.index, host.name)
+                add_root(nl, host.index, what, after, policy, split, host, undo)
+            elif before != after:
+                index = host.index if i == bpf.INGRESS else ifb_index
+                _change_root(nl, index, before, after, policy, split, host, undo)
+        if subnets is not None:
+            _replace_subnets(progs, t.attach_id, subnets)
+            flags = flags & ~bpf.F_LISTED_UNSHAPED | (0 if subnets.listed_shaped else bpf.F_LISTED_UNSHAPED)
+        # (with subnets, HTB's default class, which only non-IP packets take, stays as ADD made it)
+        lifted = [i for _w, i, _b in DIRECTIONS if old.now[i][0] and not new.now[i][0]]
+        if bpf.EGRESS in lifted:
+            flags &= ~bpf.F_EGRESS_SHAPED
+            ifb_index = 0
+            _steer_egress(nl, progs, t, policy, None, undo)
+        if bpf.INGRESS in lifted:
+            flags &= ~bpf.F_INGRESS_SHAPED
+        bpf.attach_update(progs.map_fd, t.attach_id, flags=flags, ifb_index=ifb_index)
+    except BaseException:
+        undo.rollback()
+        raise
+    # nothing steers into these any more
+    if bpf.INGRESS in lifted:
+        tc.delete_qdisc(nl, host.index, tc.TC_H_ROOT, tc.ROOT_HANDLE)
+    if bpf.EGRESS in lifted and ifb is not None:
+        nl.delete_link(ifb.index)
+    log(
+        f"attachment {t.attach_id}: ingress {_fmt(new.now[0])}, egress {_fmt(new.now[1])} (was "
+        f"{_fmt(old.now[0])}, {_fmt(old.now[1])})"
+    )
+
+
+def _fmt(pair: tuple[int, int]) -> str:
+    return f"{pair[0]} bit/s burst {pair[1]} bit" if pair[0] else "unshaped"
+
+
+def _claim_root(nl: Netlink, index: int, veth: str) -> None:
+    root = tc.root_qdisc(nl, index)
+    if root is not None and root.kind != "noqueue":
+        raise ForeignObjectError(
+            f"host veth {veth} has a root qdisc {root.kind} that bwplugin did not create: "
+            "it cannot shape traffic to the pod there"
+        )
+
+
+def _change_root(
+    nl: Netlink,
+    index: int,
+    before: Direction,
+    after: Direction,
+    policy: Policy,
+    split: Subnets | None,
+    host: HostVeth,
+    undo: Undo,
+) -> None:
+    """In place: the qdisc keeps its queue, so no packet is dropped by the change."""
+    q = tc.root_qdisc(nl, index)
+    if not tc.is_our_root(q):
+        raise ForeignObjectError(f"ifindex {index} no longer has bwplugin's root qdisc: run CHECK, or recreate the pod")
+    assert q is not None
+
+    old = tbf_params(before, policy, host.mtu, host.gso_max)
+    new = tbf_params(after, policy, host.mtu, host.gso_max)
+    if q.kind == "htb":  # HTB lets a packet overdraw its bucket: nothing can get stuck
+        tc.change_htb(nl, index, new, host.mtu)
+        undo.push(lambda: tc.change_htb(nl, index, old, host.mtu))
+    else:
+        undo.push(lambda: tc.change_tbf(nl, index, old))
+        change_tbf_safely(nl, index, old, new)
+
+
+SHRINK_WAIT = 2.0  # s a bucket decrease waits for a queue whose packets all fit the new bucket
+SHRINK_TRIES = 5
+
+
+def change_tbf_safely(nl: Netlink, index: int, old: TBFParams, new: TBFParams) -> None:
+    """TBF never sends a packet bigger than its bucket, and the packets queued now
+    were let in unsegmented up to the old bucket: shrinking the bucket under them
+    would stall the queue for good. So the new rate applies at once with the old
+    bucket, and the bucket shrinks once the backlog fits in it (then every queued
+    packet does); if the queue stops moving after all (a packet came in between),
+    the old bucket frees it and it is tried again. Dropping the queue is the last
+    resort."""
+    if new.burst >= old.burst:
+        tc.change_tbf(nl, index, new)
+        return
+    interim = replace(new, burst=old.burst)
+    tc.change_tbf(nl, index, interim)
+    deadline = time.monotonic() + SHRINK_WAIT
+    for _ in range(SHRINK_TRIES):
+        while _backlog(nl, index)[0] > new.burst and time.monotonic() < deadline:
+            time.sleep(0.001)
+        tc.change_tbf(nl, index, new)
+        if not _stalled(nl, index, new):
+            return
+        tc.change_tbf(nl, index, interim)
+    log(f"ifindex {index}: the queue would not fit the smaller bucket; dropping what is queued")
+    tc.purge_tbf_queue(nl, index, new.limit)
+    tc.change_tbf(nl, index, new)
+
+
+def _backlog(nl: Netlink, index: int) -> tuple[int, int]:
+    """(bytes queued, bytes sent) of the root qdisc."""
+    q = tc.root_qdisc(nl, index)
+    s = tc.qdisc_stats(q) if q is not None else None
+    return (s.backlog, s.bytes) if s else (0, 0)
+
+
+def _stalled(nl: Netlink, index: int, params: TBFParams) -> bool:
+    """Queued bytes, and none sent in three bucket-refill times."""
+    backlog, sent = _backlog(nl, index)
+    if backlog == 0:
+        return False
+    time.sleep(max(0.005, 3 * params.burst / params.rate))
+    backlog, sent_later = _backlog(nl, index)
+    return backlog > 0 and sent_later == sent
+
+
+def _steer_egress(
+    nl: Netlink, progs: bpf.Programs, t: Target, policy: Policy, ifb_index: int | None, undo: Undo
+) -> None:
+    """With act_mirred (kernels before 6.4), the from-pod filter itself names the
+    ifb: it is swapped atomically for one that does (or, lifting, one that does not)."""
+    mode = probe.redirect_mode(progs, policy.egress_redirect) if ifb_index else "bpf"
+    current = tc.our_filters(nl, t.host.index).get(tc.CLSACT_INGRESS)
+    was_mirred = current is not None and current.mirred_ifindex is not None
+    if mode != "mirred" and not was_mirred:
+        return  # bpf_redirect: the map write alone steers
+    prog = "bwp_from_pod_mirred" if mode == "mirred" else "bwp_from_pod"
+    target = ifb_index if mode == "mirred" else None
+
+    def swap(name: str, to: int | None) -> None:
+        tc.add_bpf_filter(
+            nl, t.host.index, tc.CLSACT_INGRESS, progs.fd(name), progs.filter_name(name), t.attach_id, to, replace=True
+        )
+
+    swap(prog, target)
+    if current is not None:
+        old_name = "bwp_from_pod_mirred" if was_mirred else "bwp_from_pod"
+        undo.push(lambda: swap(old_name, current.mirred_ifindex))
+
+
+def _replace_subnets(progs: bpf.Programs, attach_id: int, subnets: Subnets) -> None:
+    """New prefixes first, then the old ones go: a peer in both lists never falls
+    between them."""
+    old = set(bpf.subnets_of(progs.lpm_fd, attach_id))
+    bpf.subnets_add(progs.lpm_fd, attach_id, tuple(n for n in subnets.networks if n not in old))
+    for net in old - set(subnets.networks):
+        bpf.map_delete(progs.lpm_fd, bpf.lpm_key(attach_id, net))
+
+
+def describe(
+    nl: Netlink, progs: bpf.Programs, t: Target, rec: bpf.ShapingEntry, changed: bool, origin: str
+) -> dict[str, Any]:
+    def direction(i: int, bit: int) -> dict[str, Any]:
+        rate, burst = rec.now[i]
+        return {"rate": rate, "burst": burst, "source": "override" if rec.flags & bit else "runtime"}
+
+    ifb = nl.link(name=ifb_name_of_owner(t.entry.owner))
+    return {
+        "attachment": {
+            "id": t.attach_id,
+            "namespace": t.pod.namespace,
+            "pod": t.pod.name,
+            "container_id": t.entry.container_id,
+            "ifname": t.entry.ifname,
+            "host_veth": t.host.name,
+            "ifb": ifb.name if ifb else "",
+        },
+        "ingress": direction(bpf.INGRESS, bpf.S_INGRESS_OVERRIDE),
+        "egress": direction(bpf.EGRESS, bpf.S_EGRESS_OVERRIDE),
+        "subnets": [str(n) for n in bpf.subnets_of(progs.lpm_fd, t.attach_id)],
+        "changes": rec.changes,
+        "changed": changed,
+        "origin": origin,
+    }
