@@ -4,8 +4,9 @@ A private containerd (Debian's, with its CRI plugin) runs the conflist
 ptp + host-local -> bwplugin with bwplugin's node agent. Pods are created over
 the CRI API with `kubernetes.io/{ingress,egress}-bandwidth` annotations, as the
 kubelet creates them; iperf3 measures each direction from its first packet.
-Then the same pods run under the reference `bandwidth` plugin in the same setup,
-for comparison. Everything is removed at the end.
+Then `bwplugin set` changes the web pod's egress rate live (no restart) and it
+is measured again. Then the same pods run under the reference `bandwidth` plugin
+in the same setup, for comparison. Everything is removed at the end.
 
     python -m bench.demo [--seconds 4] [--no-reference]"""
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -27,6 +27,7 @@ PODS = {  # name: (namespace, annotations)
     "batch": ("team-b", {"kubernetes.io/egress-bandwidth": "20M"}),
     "plain": ("team-a", {}),
 }
+LIVE_RATE = "20M"  # web's egress after `bwplugin set`
 
 
 def quantity(text: str) -> int:
@@ -61,12 +62,14 @@ def run(shaper: dict[str, object], label: str, seconds: float, agent: bool) -> l
                 traffic = c.iperf(sandboxes[name], direction, seconds)
                 rows.append(Row(label, name, direction, quantity(value) if value else 0, traffic))
         if shaper.get("type") == "bwplugin":
-            print("\n$ bwplugin stats   (the installed executable, on this node)")
-            out = subprocess.run(
-                ["nsenter", f"--net={c.node}", str(c.dir / "bin" / "bwplugin"), "stats"],
-                capture_output=True, text=True, env=c.env(), check=True,
-            )  # fmt: skip
+            live = ["set", "--pod", "team-a/web", "--egress", LIVE_RATE]
+            print(f"\n$ bwplugin {' '.join(live)}   (a live change: the pod keeps running)")
+            out = c.bwplugin(*live, check=True)
             print(out.stdout.rstrip())
+            traffic = c.iperf(sandboxes["web"], "egress", seconds)
+            rows.append(Row(label, "web*", "egress", quantity(LIVE_RATE), traffic))
+            print("\n$ bwplugin stats   (the installed executable, on this node)")
+            print(c.bwplugin("stats", check=True).stdout.rstrip())
         for pod in sandboxes.values():
             c.remove_pod(pod)
         print(f"  StopPodSandbox + RemovePodSandbox: {len(sandboxes)} pods removed")
@@ -109,6 +112,8 @@ def main() -> int:
         f"\ngoodput: iperf3's receiver; TCP tops out at {TCP_GOODPUT_CEILING:.3f} of the wire rate.\n"
         "wire: bytes the shaping qdisc sent (tc counters), first to last byte; "
         "first 1 s: the same over the first second, as a multiple of the rate.\n"
+        f"web*: web's egress after `bwplugin set --egress {LIVE_RATE}` on the running pod (the reference plugin "
+        "has no live change: its pods must be recreated).\n"
         "Everything the demo created (containerd, namespaces, veths, ifbs, pins) is removed."
     )
     return 0

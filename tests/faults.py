@@ -70,7 +70,7 @@ def install() -> None:
     entry (with its prefixes and pod), each root qdisc, the clsact, and the last
     filter. ADD alone sees the wrapped tc (the kernel probes keep the real one)."""
     add._add_entry = _after(add._add_entry, lambda *a, **k: "after-map")
-    add._add_root = _after(add._add_root, _point_of_root)
+    add.add_root = _after(add.add_root, _point_of_root)
     add._add_clsact = _after(add._add_clsact, lambda *a, **k: "after-clsact")
     # between creating the ifb and labelling it with its alias
     Netlink.create_link = _after(Netlink.create_link, _point_of_create)  # type: ignore[method-assign]

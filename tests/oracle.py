@@ -106,14 +106,17 @@ def _has_redirect(kv: KernelView, ifb: str) -> bool:
 
 
 def attach_count() -> int:
-    """Entries in the pinned attach map (0 when it does not exist)."""
-    fd = bpf.open_map()
-    if fd is None:
-        return 0
-    try:
-        return len(bpf.attach_entries(fd))
-    finally:
-        os.close(fd)
+    """Entries in the pinned per-attachment maps (attach, pods, shaping records;
+    0 for a map that does not exist): every one must go with its attachment."""
+    total = 0
+    for fd, size in ((bpf.open_map(), bpf.VAL.size), (bpf.open_pods(), bpf.POD_VAL.size),
+                     (bpf.open_shaping(), bpf.SHAPING_VAL.size)):  # fmt: skip
+        if fd is not None:
+            try:
+                total += len(bpf.map_items(fd, bpf.KEY.size, size))
+            finally:
+                os.close(fd)
+    return total
 
 
 def filter_actions(netns: str, dev: str) -> list[str]:

@@ -115,7 +115,7 @@ def test_unannotated_pod_is_untouched_and_one_annotation_shapes_one_direction(ct
 def assert_nothing_left(c: Containerd) -> None:
     assert set(node_links(c)) == {"lo"}, node_links(c)  # no veth, no ifb
     assert [q["kind"] for q in qdiscs(c, "lo")] == ["noqueue"]
-    for name in ("attach_v3", "subnets_v3", "pods_v3"):
+    for name in ("attach_v3", "subnets_v3", "pods_v3", "shaping_v3"):
         assert map_entries(c, name) == [], name
     assert c.cri is not None and c.cri.list_pods() == []
     netns_dir = c.dir / "state" / "io.containerd.grpc.v1.cri" / "netns"
@@ -130,6 +130,7 @@ def test_stop_and_remove_leave_nothing_behind(ctrd: Containerd) -> None:
     pods = [ctrd.run_pod("pod-a", ANNOTATED), ctrd.run_pod("pod-b", {"kubernetes.io/egress-bandwidth": "5M"})]
     assert len(map_entries(ctrd, "attach_v3")) == 2
     assert len(map_entries(ctrd, "pods_v3")) == 2
+    assert len(map_entries(ctrd, "shaping_v3")) == 2
     for pod in pods:
         ctrd.remove_pod(pod)
     assert_nothing_left(ctrd)

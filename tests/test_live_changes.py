@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.lab.containerd import Containerd, LabError, Sandbox
+from bench.lab.containerd import Containerd, LabError, Sandbox, bwplugin_conf
 
 from .test_containerd import ANNOTATED, assert_holds, assert_nothing_left, map_entries, qdiscs
 
@@ -47,6 +47,8 @@ def root_qdisc(c: Containerd, dev: str) -> dict:
 def set_json(c: Containerd, *args: str) -> dict:
     out = c.bwplugin("set", *args, "--json")
     assert out.returncode == 0, out.stderr
+    if out.stderr.strip():
+        print("bwplugin set:", out.stderr.strip())
     return dict(json.loads(out.stdout))
 
 
@@ -59,10 +61,12 @@ def window_rate(samples: list[tuple[float, int]], start: float, end: float) -> f
 
 
 def flow_through_a_change(c: Containerd, pod: Sandbox, direction: str, *set_args: str) -> tuple[float, float, int]:
-    """A 9 s TCP flow; at 4.5 s `bwplugin set` runs. Returns the wire rate over
-    1-4 s and over 6-8.5 s, and the sender's retransmission timeouts from just
-    before the change to 1.5 s after it (a flow's start may see one anyway, when
-    slow start overflows the queue: that is not the change's doing)."""
+    """A 9 s TCP flow; at 4.5 s `bwplugin set` runs. Asserts that the flow never
+    stops: iperf3 completes, no second moves nothing, and after the change the
+    qdisc sends something in every 300 ms. Returns the wire rate over 1-4 s and
+    over 6-8.5 s, and the sender's retransmission timeouts from just before the
+    change to 1.5 s after it (reported, not asserted: a rate cut under tail drop
+    can cost TCP one, see docs/operations.md)."""
     gateway, veth = c.gateway(pod), c.host_veth(pod)
     dev = veth if direction == "ingress" else c.ifb_of(veth)
     sender = c.node if direction == "ingress" else pod.netns
@@ -80,6 +84,7 @@ def flow_through_a_change(c: Containerd, pod: Sandbox, direction: str, *set_args
         samples = [(time.monotonic(), c.qdisc_bytes(dev))]
         changed_at = 0.0
         rtos = before = 0
+        timeline: list[str] = []  # for a failure's message: RTOs and bytes sent around the change
         deadline = time.monotonic() + 40
         while client.poll() is None:
             if time.monotonic() > deadline:
@@ -89,49 +94,61 @@ def flow_through_a_change(c: Containerd, pod: Sandbox, direction: str, *set_args
             samples.append((time.monotonic(), c.qdisc_bytes(dev)))
             if not changed_at and samples[-1][0] - samples[0][0] > 4.5:
                 before = tcp_timeouts(c, sender)
+                started = time.monotonic()
                 set_json(c, *set_args)
                 changed_at = time.monotonic()
+                timeline.append(f"set took {changed_at - started:.3f}s")
+            if changed_at and not rtos:
+                timeline.append(f"{samples[-1][0] - changed_at:+.2f}s rto={tcp_timeouts(c, sender) - before} "
+                                f"sent={samples[-1][1]}")  # fmt: skip
             if changed_at and time.monotonic() - changed_at > 1.5 and not rtos:
                 rtos = tcp_timeouts(c, sender) - before + 1  # +1: read once
         out, _ = client.communicate()
-        assert client.returncode == 0 and changed_at and rtos
+        assert client.returncode == 0 and changed_at and rtos, timeline
         intervals = json.loads(out)["intervals"]
         assert all(i["sum"]["bytes"] > 0 for i in intervals), "the flow stalled for a whole second"
+        still = longest = 0.0  # the longest time the qdisc sent nothing, after the change
+        after = [(t, b) for t, b in samples if t >= changed_at]
+        for (t1, b1), (t2, b2) in zip(after, after[1:], strict=False):
+            still = still + t2 - t1 if b2 == b1 else 0.0
+            longest = max(longest, still)
+        assert longest < 0.3, f"the queue stood still for {longest:.2f} s after the change: {timeline}"
+        print(f"{direction} {' '.join(set_args[2:])}: {rtos - 1} RTO(s) across the change; {timeline[0]}")
         return window_rate(samples, 1.0, 4.0), window_rate(samples, 6.0, 8.5), rtos - 1
     finally:
         server.kill()
         server.wait()
 
 
-def test_rates_change_in_place_under_a_running_tcp_flow(ctrd: Containerd) -> None:
+def test_rates_change_in_place_under_a_running_tcp_flow_that_never_stops(ctrd: Containerd) -> None:
     pod = ctrd.run_pod("pod-live", ANNOTATED, namespace="team-a")  # 10M in, 20M out
     veth = ctrd.host_veth(pod)
     ifb = ctrd.ifb_of(veth)
     tbf_before = root_qdisc(ctrd, ifb)
 
-    slow, fast, rtos = flow_through_a_change(ctrd, pod, "egress", "--pod", "team-a/pod-live", "--egress", "40M")
+    # a cut, where the pod sends: its packets are dropped at the ifb, out of its socket's sight,
+    # as any sender's are on a path; the bucket shrinks under a queue of GSO packets
+    slow, fast, _rtos = flow_through_a_change(ctrd, pod, "egress", "--pod", "team-a/pod-live", "--egress", "10M")
     assert abs(slow / (20 * M) - 1) < 0.05, slow
-    assert abs(fast / (40 * M) - 1) < 0.05, fast
-    assert rtos == 0, f"{rtos} retransmission timeout(s) during the change"
+    assert abs(fast / (10 * M) - 1) < 0.05, fast
     tbf_after = root_qdisc(ctrd, ifb)
     assert (tbf_after["handle"], tbf_after["kind"]) == (tbf_before["handle"], "tbf")  # the same qdisc, changed
     assert ctrd.ifb_of(veth) == ifb  # the same ifb
-    assert tbf_after["options"]["rate"] == 40 * M // 8, tbf_after  # tc -j: bytes/s
+    assert tbf_after["options"]["rate"] == 10 * M // 8, tbf_after  # tc -j: bytes/s
 
-    slow, fast, rtos = flow_through_a_change(ctrd, pod, "ingress", "--container", pod.id[:16], "--ingress", "5M")
+    slow, fast, _rtos = flow_through_a_change(ctrd, pod, "ingress", "--container", pod.id[:16], "--ingress", "20M")
     assert abs(slow / (10 * M) - 1) < 0.05, slow
-    assert abs(fast / (5 * M) - 1) < 0.05, fast
-    assert rtos == 0, f"{rtos} retransmission timeout(s) during the change"
+    assert abs(fast / (20 * M) - 1) < 0.05, fast
 
     # the runtime's CHECK carries ADD's runtimeConfig (10M/20M): the overrides are what it verifies
     check = ctrd.cni_check(pod)
     assert check.returncode == 0 and check.stdout == "", (check.stdout, check.stderr)
     rows = json.loads(ctrd.bwplugin("stats", "--json", check=True).stdout)
     (row,) = [r for r in rows if r["pod"] == "pod-live"]
-    assert (row["ingress"]["queue"]["rate_bps"], row["ingress"]["source"]) == (5 * M, "override")
-    assert (row["egress"]["queue"]["rate_bps"], row["egress"]["source"]) == (40 * M, "override")
+    assert (row["ingress"]["queue"]["rate_bps"], row["ingress"]["source"]) == (20 * M, "override")
+    assert (row["egress"]["queue"]["rate_bps"], row["egress"]["source"]) == (10 * M, "override")
     assert row["live_changes"] == 2
-    assert "5M*" in ctrd.bwplugin("stats", check=True).stdout
+    assert "20M*" in ctrd.bwplugin("stats", check=True).stdout
 
     # real damage is still damage: a rate changed behind bwplugin's back
     ctrd.in_node("tc", "qdisc", "change", "dev", ifb, "root", "handle", "b0d0:", "tbf", "rate", "7mbit",
@@ -139,7 +156,7 @@ def test_rates_change_in_place_under_a_running_tcp_flow(ctrd: Containerd) -> Non
     check = ctrd.cni_check(pod)
     assert check.returncode == 1, check.stdout
     err = json.loads(check.stdout)
-    assert err["code"] == 102 and "rate expected 5000000, actual 875000" in err["msg"], err
+    assert err["code"] == 102 and "rate expected 1250000, actual 875000" in err["msg"], err
 
     ctrd.remove_pod(pod)
     assert map_entries(ctrd, "shaping_v3") == []  # DEL removes the override with the attachment
@@ -207,3 +224,26 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(ctrd: Containerd) -> Non
         for word in words:
             assert word in out.stderr, (args, out.stderr)
         assert state() == before, args
+
+
+def test_a_subnet_list_changes_live_and_traffic_follows_it() -> None:
+    """An attachment made with unshapedSubnets (HTB): the list changes live, and
+    traffic to the node moves between the shaped and the unshaped class."""
+    shaper = bwplugin_conf(unshapedSubnets=["10.99.0.0/16"])
+    with Containerd(shaper=shaper, agent=True) as c:
+        pod = c.run_pod("pod-split", ANNOTATED)  # 10M in, 20M out
+        gateway = c.gateway(pod)
+        assert_holds(c, pod, "egress", 20 * M)  # the node is not listed: shaped
+        out = set_json(c, "--pod", "bwpt-ns/pod-split", "--unshaped-subnets", f"10.99.0.0/16,{gateway}/32")
+        assert sorted(out["subnets"]) == sorted(["10.99.0.0/16", f"{gateway}/32"]) and out["changed"]
+        keys = [e["key"] for e in map_entries(c, "subnets_v3")]
+        assert len(keys) == 2, keys  # the trie, read with bpftool
+        free = c.iperf(pod, "egress", seconds=2)
+        assert free.goodput > 10 * 20 * M, free  # listed now: the unshaped class
+        check = c.cni_check(pod)  # ADD's config listed only 10.99.0.0/16: the live list is what CHECK holds to
+        assert check.returncode == 0, check.stdout
+        out = set_json(c, "--pod", "bwpt-ns/pod-split", "--unshaped-subnets", "10.99.0.0/16")
+        assert out["subnets"] == ["10.99.0.0/16"]
+        assert_holds(c, pod, "egress", 20 * M)
+        c.remove_pod(pod)
+        assert_nothing_left(c)

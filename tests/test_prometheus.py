@@ -1,8 +1,11 @@
 """The agent's /metrics, scraped by a real Prometheus (Debian's, started here with a
 private config and data directory, a 1 s scrape interval, listening on loopback
-inside the lab's node namespace, as the agent does). A pod shaped at RATE sends
-UDP at twice that; the rate Prometheus computes from the sent-bytes counter must be
-the configured rate within 5 %, and the agent's request metrics must be there."""
+inside the node namespace, where the agent listens too). The pod is run by a
+real containerd over CRI with bandwidth annotations, so its namespace and name
+labels are the runtime's. It sends UDP at twice its rate; the rate Prometheus
+computes from the sent-bytes counter must be the configured rate within 5 %.
+Then `bwplugin set` doubles the rate live, and Prometheus must see the new
+configured rate within a few scrapes, and the new sent rate after that."""
 
 from __future__ import annotations
 
@@ -12,85 +15,108 @@ import signal
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from bench.lab.lab import Lab
-
-from .conftest import bandwidth, shaper
+from bench.lab.containerd import Containerd
 
 pytestmark = pytest.mark.kernel
 RATE = 10_000_000
 METRICS_PORT, PROMETHEUS_PORT = 19464, 19090
+ANNOTATED = {"kubernetes.io/ingress-bandwidth": "10M", "kubernetes.io/egress-bandwidth": "10M"}
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab() as the_lab:
-        the_lab.start_agent("--metrics-address", f"127.0.0.1:{METRICS_PORT}")
-        the_lab.use_agent = True
-        the_lab.runtime.extra_env.pop("BWPLUGIN_NO_AGENT", None)
-        the_lab.runtime.extra_env["BWPLUGIN_AGENT_SOCKET"] = the_lab.agent_socket
-        yield the_lab
+def ctrd() -> Iterator[Containerd]:
+    with Containerd(agent=True, agent_args=("--metrics-address", f"127.0.0.1:{METRICS_PORT}")) as c:
+        yield c
 
 
-def query(lab: Lab, promql: str) -> list[dict]:
+def query(c: Containerd, promql: str) -> list[dict]:
     url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query?query={urllib.parse.quote(promql)}"
-    out = json.loads(lab.run(lab.node, "curl", "-sf", url).stdout)
+    out = json.loads(c.in_node("curl", "-sf", url).stdout)
     assert out["status"] == "success", out
     return list(out["data"]["result"])
 
 
-def scraped(lab: Lab) -> bool:
+def value(c: Containerd, promql: str) -> float | None:
     try:
-        return bool(query(lab, "bwplugin_qdisc_sent_bytes_total"))
+        result = query(c, promql)
     except subprocess.CalledProcessError:
-        return False  # not listening yet
+        return None  # not listening yet
+    return float(result[0]["value"][1]) if len(result) == 1 else None
 
 
-def test_a_real_prometheus_scrapes_the_agent_and_sees_the_rate(lab: Lab) -> None:
-    assert shutil.which("prometheus"), "prometheus is missing: scripts/setup.sh installs Debian's package"
-    conflist = lab.conflist(shaper())
-    peer, pod = lab.pod("peer"), lab.pod("a")
-    lab.attach(peer, conflist)
-    lab.attach(pod, conflist, bandwidth(ingress=RATE, egress=RATE), container_id=f"{pod.name}-cid")
-    config = lab.tmp / "prometheus.yml"
+def within(what: Callable[[], bool], seconds: float) -> float:
+    start = time.monotonic()
+    while not what():
+        assert time.monotonic() - start < seconds, f"not within {seconds} s"
+        time.sleep(0.25)
+    return time.monotonic() - start
+
+
+def test_a_real_prometheus_scrapes_the_agent_and_sees_live_changes(ctrd: Containerd) -> None:
+    assert shutil.which("prometheus"), "prometheus is missing: scripts/test.sh installs Debian's package"
+    pod = ctrd.run_pod("web", ANNOTATED, namespace="team-a")
+    config = ctrd.dir / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         f"  - job_name: bwplugin\n    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
     )
-    log = open(lab.tmp / "prometheus.log", "wb")  # noqa: SIM115 (owned by the process)
+    log = open(ctrd.dir / "prometheus.log", "wb")  # noqa: SIM115 (owned by the process)
     prom = subprocess.Popen(
-        ["nsenter", f"--net={lab.node}", "prometheus", f"--config.file={config}",
-         f"--storage.tsdb.path={lab.tmp / 'prometheus-data'}", f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"],
+        ["nsenter", f"--net={ctrd.node}", "prometheus", f"--config.file={config}",
+         f"--storage.tsdb.path={ctrd.dir / 'prometheus-data'}", f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"],
         stdout=log, stderr=log,
     )  # fmt: skip
     log.close()
+    gateway = ctrd.gateway(pod)
+    server = subprocess.Popen(
+        ["nsenter", f"--net={ctrd.node}", "iperf3", "-s", "-1", "-B", gateway, "-p", "5401"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    flow = None
     try:
-        lab.iperf_server(peer)
-        flow = lab.spawn(pod.netns, "iperf3", "-c", peer.ip, "-t", "40", "-u", "-b", str(2 * RATE), "-l", "1400")
-        started = time.monotonic()
-        promql = 'rate(bwplugin_qdisc_sent_bytes_total{direction="egress"}[5s]) * 8'
-        while not scraped(lab) and time.monotonic() - started < 30:
-            time.sleep(0.5)  # Prometheus is starting (its TSDB takes a few seconds here)
+        within(lambda: bool(ctrd.in_node("ss", "-Hltn", "sport = :5401").stdout.strip()), 10)
+        flow = subprocess.Popen(
+            ["nsenter", f"--net={pod.netns}", "iperf3", "-c", gateway, "-p", "5401", "-t", "60", "-u",
+             "-b", str(4 * RATE), "-l", "1400"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        labels = '{namespace="team-a",pod="web",direction="egress"}'
+        sent = f"rate(bwplugin_qdisc_sent_bytes_total{labels}[5s]) * 8"
+        within(lambda: value(ctrd, sent) is not None, 30)  # Prometheus starts (its TSDB takes a few s)
         time.sleep(6)  # five scrapes inside the flow fill the 5 s window
-        rate = query(lab, promql)
-        assert rate, (lab.tmp / "prometheus.log").read_text()[-2000:]
-        (series,) = rate
-        assert series["metric"]["container_id"] == f"{pod.name}-cid"
-        assert abs(float(series["value"][1]) / RATE - 1) < 0.05, series
-        flow.kill()
-        up = query(lab, 'up{job="bwplugin"}')
-        assert up and up[0]["value"][1] == "1"
-        adds = query(lab, 'bwplugin_agent_requests_total{command="ADD",code="0"}')
-        assert adds and float(adds[0]["value"][1]) >= 2  # the peer's and the pod's
-        assert query(lab, 'bwplugin_agent_request_seconds_count{command="ADD"}')
+        measured = value(ctrd, sent)
+        assert measured is not None and abs(measured / RATE - 1) < 0.05, measured
+        (series,) = query(ctrd, sent)
+        assert series["metric"]["container_id"] == pod.id
+
+        out = ctrd.bwplugin("set", "--pod", "team-a/web", "--egress", "20M")  # through the agent
+        assert out.returncode == 0, out.stderr
+        seen = within(lambda: value(ctrd, f"bwplugin_rate_bytes_per_second{labels}") == 2 * RATE / 8, 5)
+        assert value(ctrd, f"bwplugin_rate_overridden{labels}") == 1
+        time.sleep(6)
+        measured = value(ctrd, sent)
+        assert measured is not None and abs(measured / (2 * RATE) - 1) < 0.05, measured
+        assert value(ctrd, 'bwplugin_live_changes_total{namespace="team-a",pod="web"}') == 1
+        assert value(ctrd, 'bwplugin_agent_live_changes_total{origin="cli"}') == 1
+        assert value(ctrd, 'up{job="bwplugin"}') == 1
+        assert value(ctrd, 'bwplugin_agent_requests_total{command="SET",code="0"}') == 1
+        adds = value(ctrd, 'bwplugin_agent_requests_total{command="ADD",code="0"}')
+        assert adds is not None and adds >= 1
+        assert query(ctrd, 'bwplugin_agent_request_seconds_count{command="ADD"}')
+        print(f"new configured rate seen by Prometheus {seen:.1f} s after bwplugin set")
         # the agent's whole exposition passes promtool's lint
-        exposition = lab.run(lab.node, "curl", "-sf", f"http://127.0.0.1:{METRICS_PORT}/metrics").stdout
+        exposition = ctrd.in_node("curl", "-sf", f"http://127.0.0.1:{METRICS_PORT}/metrics").stdout
         lint = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
         assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
     finally:
+        for proc in (flow, server):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
         prom.send_signal(signal.SIGTERM)
         prom.wait(timeout=30)

@@ -7,6 +7,7 @@ lifted is first un-steered, then its objects go. The attachment's record
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -245,32 +246,47 @@ def _change_root(
         change_tbf_safely(nl, index, old, new)
 
 
-SHRINK_WAIT = 2.0  # s a bucket decrease waits for a queue whose packets all fit the new bucket
-SHRINK_TRIES = 5
+SHRINK_WAIT = 1.0  # s a bucket decrease tries to find a queue whose packets all fit the new bucket
+SHRINK_POLL = 0.05  # s each try waits for a backlog that fits
+RAMP_RATIO, RAMP_STEPS, RAMP_STEP_S = 0.85, 10, 0.05  # a rate cut: steps of at most 15 %, 50 ms apart
 
 
 def change_tbf_safely(nl: Netlink, index: int, old: TBFParams, new: TBFParams) -> None:
     """TBF never sends a packet bigger than its bucket, and the packets queued now
     were let in unsegmented up to the old bucket: shrinking the bucket under them
     would stall the queue for good. So the new rate applies at once with the old
-    bucket, and the bucket shrinks once the backlog fits in it (then every queued
-    packet does); if the queue stops moving after all (a packet came in between),
-    the old bucket frees it and it is tried again. Dropping the queue is the last
-    resort."""
-    if new.burst >= old.burst:
+    bucket (and the rate comes down in steps), then the bucket shrinks, preferably
+    when the backlog fits in it (then every queued packet does), and is watched
+    until every packet queued then has left: if the queue stops moving first, the
+    old bucket frees it and it is tried again. Dropping the queue is the last
+    resort. The interim keeps the larger queue limit too: a smaller one at once
+    would tail-drop every arrival until the queue drained under it, a burst of
+    losses that costs TCP a retransmission timeout."""
+    if new.burst >= old.burst and new.limit >= old.limit:
         tc.change_tbf(nl, index, new)
         return
-    interim = replace(new, burst=old.burst)
+    interim = replace(new, burst=max(old.burst, new.burst), limit=max(old.limit, new.limit))
+    # a rate cut comes in steps, so that TCP meets a few small congestion signals
+    # rather than one burst of tail drops (no AQM here), in which its own
+    # retransmissions drown and only a timeout recovers
+    steps = min(RAMP_STEPS, max(1, math.ceil(math.log(new.rate / old.rate) / math.log(RAMP_RATIO))))
+    for k in range(1, steps):
+        tc.change_tbf(nl, index, replace(interim, rate=round(old.rate * (new.rate / old.rate) ** (k / steps))))
+        time.sleep(RAMP_STEP_S)
     tc.change_tbf(nl, index, interim)
     deadline = time.monotonic() + SHRINK_WAIT
-    for _ in range(SHRINK_TRIES):
-        while _backlog(nl, index)[0] > new.burst and time.monotonic() < deadline:
-            time.sleep(0.001)
+    while time.monotonic() < deadline:
+        # best when every queued packet fits (the backlog does); TCP keeps a queue
+        # full, so only briefly wait for that, then try and watch the queue move
+        fits_by = min(deadline, time.monotonic() + SHRINK_POLL)
+        while _backlog(nl, index)[0] > min(new.burst, new.limit) and time.monotonic() < fits_by:
+            time.sleep(0.0002)
         tc.change_tbf(nl, index, new)
-        if not _stalled(nl, index, new):
+        if _drains(nl, index, new):
             return
-        tc.change_tbf(nl, index, interim)
-    log(f"ifindex {index}: the queue would not fit the smaller bucket; dropping what is queued")
+        tc.change_tbf(nl, index, interim)  # the old bucket lets the big packet at the head go
+        time.sleep(0.01)
+    log(f"ifindex {index}: for {SHRINK_WAIT:g} s the queue held packets bigger than the new bucket; dropping them")
     tc.purge_tbf_queue(nl, index, new.limit)
     tc.change_tbf(nl, index, new)
 
@@ -282,14 +298,23 @@ def _backlog(nl: Netlink, index: int) -> tuple[int, int]:
     return (s.backlog, s.bytes) if s else (0, 0)
 
 
-def _stalled(nl: Netlink, index: int, params: TBFParams) -> bool:
-    """Queued bytes, and none sent in three bucket-refill times."""
-    backlog, sent = _backlog(nl, index)
-    if backlog == 0:
-        return False
-    time.sleep(max(0.005, 3 * params.burst / params.rate))
-    backlog, sent_later = _backlog(nl, index)
-    return backlog > 0 and sent_later == sent
+def _drains(nl: Netlink, index: int, params: TBFParams) -> bool:
+    """True once every packet queued at the change has left (the fifo has sent as
+    many bytes as it held then); False if the queue stops moving before that,
+    for three bucket-refill times: a packet bigger than the bucket is at its head."""
+    held, sent_then = _backlog(nl, index)
+    last, moved = sent_then, time.monotonic()
+    patience = max(0.005, 3 * params.burst / params.rate)
+    while True:
+        backlog, sent = _backlog(nl, index)
+        if backlog == 0 or sent - sent_then >= held:
+            return True
+        now = time.monotonic()
+        if sent != last:
+            last, moved = sent, now
+        elif now - moved > patience:
+            return False
+        time.sleep(0.001)
 
 
 def _steer_egress(
