@@ -186,6 +186,11 @@ def test_a_direction_can_be_shaped_later_lifted_and_reset(ctrd: Containerd) -> N
 
     # the same values again change nothing
     assert not set_json(ctrd, "--veth", veth, "--ingress", "none")["changed"]
+    # both directions lifted: no qdisc, no ifb; the counting filters stay, and CHECK accepts that
+    set_json(ctrd, "--veth", veth, "--egress", "none")
+    assert not ctrd.ifb_of(veth) and [q["kind"] for q in qdiscs(ctrd, veth) if q.get("root")] in ([], ["noqueue"])
+    check = ctrd.cni_check(pod)
+    assert check.returncode == 0, check.stdout
 
     out = set_json(ctrd, "--veth", veth, "--reset")
     assert out["ingress"] == {"rate": 10 * M, "burst": 4294967295, "source": "runtime"}

@@ -20,13 +20,15 @@ def cmd_check(env: Env, conf: NetConf) -> None:
     problems: list[str] = []
     with Netlink() as nl:
         host = find_host_veth(nl, env, conf.prev_result)
-        conf = _after_live_changes(nl, problems, conf, host)
-        bw = conf.bandwidth
+        live = _after_live_changes(nl, problems, conf, host)
+        bw = live.bandwidth
+        lifted = live is not conf  # set live to no rate at all: the counting filters stay
+        conf = live
         name = ifb_name(conf.name, env.container_id, env.ifname)
         ifb = nl.link(name=name)
         filters = tc.our_filters(nl, host.index)
         if not bw.shaped:
-            if filters or tc.is_our_root(tc.root_qdisc(nl, host.index)) or ifb is not None:
+            if (filters and not lifted) or tc.is_our_root(tc.root_qdisc(nl, host.index)) or ifb is not None:
                 problems.append(f"{host.name}: shaped by bwplugin but no rate is configured")
         else:
             _check_root(nl, problems, f"ingress qdisc on {host.name}", host.index, bw.ingress, conf, host)
