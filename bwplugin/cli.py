@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from .cni import settings
-from .cni.change import parse_change
 from .cni.config import (
     LATEST_VERSION,
     SUPPORTED_VERSIONS,
@@ -28,7 +27,7 @@ from .cni.config import (
 )
 from .cni.errors import CNIError, DecodeError, InvalidConfigError, KernelError
 from .cni.protocol import version_output
-from .commands import add, check, delete, gc, live, status
+from .commands import add, check, delete, gc, status
 
 
 def _error_version(doc: Mapping[str, Any] | None) -> str:
@@ -98,6 +97,10 @@ def _run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, dict[str, Any] 
 def run_set(request: bytes) -> tuple[int, dict[str, Any]]:
     """A live change (a JSON document, see cni/change.py): (exit code, result or
     CNI-style error). The agent serves the same call for its socket's clients."""
+    # imported here: ADD and DEL, the hot path through this module, never need them
+    from .cni.change import parse_change
+    from .commands import live
+
     try:
         return 0, live.cmd_set(parse_change(decode(request)))
     except CNIError as exc:
