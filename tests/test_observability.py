@@ -65,6 +65,23 @@ def test_offered_equals_sent_for_tcp_gso_to_the_byte(lab: Lab, direction: str) -
     assert (d["shaped_packets"], d["shaped_bytes"]) == (q["sent_packets"], q["sent_bytes"]), (d, q)
 
 
+def test_the_ifb_sends_nothing_of_its_own(lab: Lab) -> None:
+    """What the egress qdisc counts is what the pod offered, even with the pod idle.
+    An ifb with IPv6 gets a link-local address and sends its own MLD reports and
+    router solicitations through that qdisc: budget, and counts, nobody offered."""
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=RATE))
+    ifb = att.result["interfaces"][-1]["name"]
+    time.sleep(2.5)  # past the router-solicitation delay (1 s) and MLD's unsolicited reports (1 s)
+    addrs = json.loads(lab.run(lab.node, "ip", "-j", "-6", "addr", "show", "dev", ifb).stdout)
+    assert [a for link in addrs for a in link.get("addr_info", [])] == []
+    (row,) = rows_of(lab, att.container_id)
+    eg, q = row["egress"], row["egress"]["queue"]
+    # the pod's own eth0 may have sent IPv6 control frames: those were offered
+    assert eg["shaped_packets"] == q["sent_packets"] + q["drops"] + q["backlog_packets"], (eg, q)
+    assert eg["shaped_bytes"] == q["sent_bytes"], (eg, q)
+
+
 def test_stats_table_json_and_prometheus(lab: Lab, tmp_path: Path) -> None:
     conflist = lab.conflist(shaper())
     peer, pod = lab.pod("peer"), lab.pod("a")

@@ -151,7 +151,11 @@ def add_ifb(nl: Netlink, name: str, label: IfbLabel, mtu: int, undo: Undo) -> Li
         raise
     ifb = nl.link(name=name)
     assert ifb is not None
-    nl.set_link(ifb.index, up=True, alias=format_alias(label))
+    nl.set_link(ifb.index, alias=format_alias(label))
+    # an ifb with IPv6 sends its own MLD/RS frames through the pod's qdisc: they
+    # would spend the pod's budget and make the qdisc count what eBPF never offered
+    nl.silence_ipv6(ifb.index)
+    nl.set_link(ifb.index, up=True)
     return ifb
 
 

@@ -41,7 +41,9 @@ RTM_NEWTCLASS, RTM_GETTCLASS = 40, 42
 RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
 
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK = 1, 3, 4, 5
-IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64 = 18, 20, 23
+IFLA_LINKINFO, IFLA_IFALIAS, IFLA_STATS64, IFLA_AF_SPEC = 18, 20, 23, 26
+# IFLA_AF_SPEC > AF_INET6 > IFLA_INET6_ADDR_GEN_MODE = IN6_ADDR_GEN_MODE_NONE
+AF_INET6, IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 10, 8, 1
 # IFLA_GSO_MAX_SIZE, IFLA_GRO_MAX_SIZE, IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE (6.3+)
 IFLA_GSO_GRO_MAX_SIZES = (41, 58, 63, 64)
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
@@ -330,6 +332,19 @@ class Netlink:
             flags, change = (IFF_UP if up else 0), IFF_UP
         attrs = nla_str(IFLA_IFALIAS, alias) if alias is not None else b""
         self.request(RTM_NEWLINK, 0, ifinfomsg(index, flags, change) + attrs, f"set link {index}")
+
+    def silence_ipv6(self, index: int) -> None:
+        """No IPv6 link-local address, so the device sends nothing of its own (MLD,
+        router solicitations). Must come before the device goes up: the kernel
+        rejects this at creation and, in one message with IFF_UP, applies it after
+        the address is made. Without IPv6 in the kernel there is nothing to silence."""
+        mode = nla(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE]))
+        attrs = nla_nested(IFLA_AF_SPEC, nla_nested(AF_INET6, mode))
+        try:
+            self.request(RTM_NEWLINK, 0, ifinfomsg(index) + attrs, f"silence IPv6 on link {index}")
+        except NetlinkError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+                raise
 
     def delete_link(self, index: int) -> bool:
         """Delete; False if it was already gone."""

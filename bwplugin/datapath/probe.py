@@ -127,6 +127,7 @@ def redirect_honoured(progs: bpf.Programs, program: str = "bwp_from_pod") -> boo
         links = {n: nl.link(name=n) for n in ("bwplprobe1", "bwplprobe2", PROBE_IFB)}
         for link in links.values():
             assert link is not None
+            nl.silence_ipv6(link.index)  # only the probe's frame may reach the ifb
             nl.set_link(link.index, up=True)
         src, dst, ifb = links["bwplprobe1"], links["bwplprobe2"], links[PROBE_IFB]
         assert src and dst and ifb
