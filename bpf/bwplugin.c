@@ -1,13 +1,21 @@
 // bwplugin's tc programs. cls_bpf runs them on the clsact hooks of a pod's
 // host-side veth; one compiled copy serves every pod on the node.
 //
-//   bwp_from_pod         clsact ingress (packets the pod sends), direct action:
-//                        count, classify, bpf_redirect() to the pod's ifb, whose
-//                        root qdisc shapes them. Honoured by ifb from Linux 6.4.
-//   bwp_from_pod_mirred  the same, for older kernels: a plain classifier whose
-//                        match runs the filter's act_mirred redirect instead.
-//   bwp_to_pod           clsact egress (packets sent to the pod), direct action:
-//                        count and classify; the veth's root qdisc shapes them.
+//   bwp_count_from_pod   clsact ingress (packets the pod sends), first (prio
+//                        0xb0d), direct action: count and classify, then pass
+//                        the packet on to the next filter, ours or another tool's.
+//   bwp_from_pod         clsact ingress, last (prio 0xfb0d), direct action:
+//                        bpf_redirect() to the pod's ifb, whose root qdisc shapes
+//                        them. Honoured by ifb from Linux 6.4. Last, so that other
+//                        tools' filters see the pod's packets before they leave.
+//   bwp_from_pod_mirred  the same redirect for older kernels: a plain classifier
+//                        whose match runs the filter's act_mirred redirect instead.
+//   bwp_to_pod           clsact egress (packets sent to the pod), first, direct
+//                        action: count and classify, pass on; the veth's root
+//                        qdisc shapes them.
+//
+// TC_ACT_UNSPEC ("continue") lets the filters after ours run; TC_ACT_OK would
+// end classification there and hide the pod's packets from every later filter.
 //
 // Each attachment's filters carry its node-unique attachment id (1..65535) as
 // their classid; cls_bpf places it in skb->tc_classid (16 bits) before running
@@ -177,15 +185,22 @@ static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *va
     return shaped;
 }
 
+int bwp_count_from_pod(struct __sk_buff *skb)
+{
+    __u32 id = skb->tc_classid & 0xffff;
+    struct bwp_val *val = bwp_attach.lookup(&id);
+    if (val)
+        bwp_account(skb, val, id, 1);
+    return TC_ACT_UNSPEC;
+}
+
 int bwp_from_pod(struct __sk_buff *skb)
 {
     __u32 id = skb->tc_classid & 0xffff;
     struct bwp_val *val = bwp_attach.lookup(&id);
-    if (!val)
-        return TC_ACT_OK;  // no entry (torn down mid-flight): pass, never black-hole a pod
-    bwp_account(skb, val, id, 1);
-    if (!val->ifb_ifindex)
-        return TC_ACT_OK;
+    // no entry (torn down mid-flight) or egress unshaped: pass on, never black-hole a pod
+    if (!val || !val->ifb_ifindex)
+        return TC_ACT_UNSPEC;
     return bpf_redirect(val->ifb_ifindex, 0);
 }
 
@@ -195,7 +210,6 @@ int bwp_from_pod_mirred(struct __sk_buff *skb)
     struct bwp_val *val = bwp_attach.lookup(&id);
     if (!val)
         return 0;  // classifier "no match": the mirred action does not run
-    bwp_account(skb, val, id, 1);
     return val->ifb_ifindex ? -1 : 0;  // -1: match, run the filter's actions
 }
 
@@ -205,5 +219,5 @@ int bwp_to_pod(struct __sk_buff *skb)
     struct bwp_val *val = bwp_attach.lookup(&id);
     if (val)
         bwp_account(skb, val, id, 0);
-    return TC_ACT_OK;
+    return TC_ACT_UNSPEC;
 }

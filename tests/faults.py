@@ -62,7 +62,7 @@ def _point_of_create(nl: Any, name: str, kind: str, *args: Any, **kwargs: Any) -
 
 
 def _point_of_filter(nl: Any, index: int, hook: int, *args: Any, **kwargs: Any) -> str | None:
-    return "after-filter" if hook == tc.CLSACT_INGRESS else None  # the last one ADD attaches
+    return "after-filter" if kwargs.get("prio") == tc.TAIL_PRIO else None  # the redirect: the last one ADD attaches
 
 
 def install() -> None:

@@ -75,6 +75,7 @@ def view(netns: str) -> KernelView:
                     if f.get_attr("TCA_KIND") == "bpf" and opts:
                         into.setdefault(name, []).append(
                             {
+                                "prio": f["info"] >> 16,
                                 "name": opts.get_attr("TCA_BPF_NAME"),
                                 "classid": opts.get_attr("TCA_BPF_CLASSID"),
                                 "flags": opts.get_attr("TCA_BPF_FLAGS"),

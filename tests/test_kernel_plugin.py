@@ -79,10 +79,15 @@ def test_add_check_del_every_version(lab: Lab, version: str) -> None:
     egress = kv.tbf(ifb)
     assert egress and egress["rate"] == 2_500_000
     assert kv.has_clsact(veth)
-    (flt,) = kv.filters[veth]
-    assert flt["name"].startswith("bwplugin:bwp_from_pod_") and flt["flags"] == 1  # direct action
+    # counting first on both hooks (prio 0xb0d), the redirect last (0xfb0d): other
+    # tools' filters in between see the pod's packets; all direct action
+    count, flt = kv.filters[veth]
+    assert (count["prio"], flt["prio"]) == (0xB0D, 0xFB0D)
+    assert count["name"].startswith("bwplugin:bwp_count_from_pod_") and count["flags"] == 1
+    assert flt["name"].startswith("bwplugin:bwp_from_pod_") and flt["flags"] == 1
     (out_flt,) = kv.out_filters[veth]
-    assert out_flt["name"].startswith("bwplugin:bwp_to_pod_") and out_flt["classid"] == flt["classid"]
+    assert out_flt["name"].startswith("bwplugin:bwp_to_pod_") and out_flt["prio"] == 0xB0D
+    assert out_flt["classid"] == flt["classid"] == count["classid"]
     label = parse_alias(kv.links[ifb]["alias"])
     assert label and label.attach_id == flt["classid"] and label.host_index == kv.links[veth]["index"]
     fd = bpf.open_map()
@@ -130,8 +135,8 @@ def test_runtime_config_used_without_static(lab: Lab) -> None:
     veth = host_veth(pod)
     assert kv.tbf(veth)["rate"] == 1_250_000
     assert kv.ifbs() == []
-    # the pod's egress is only counted: its filter has no ifb to redirect to
-    (flt,) = kv.filters[veth]
+    # the pod's egress is only counted: its redirect filter has no ifb to redirect to
+    _count, flt = kv.filters[veth]
     fd = bpf.open_map()
     entry = bpf.attach_get(fd, flt["classid"])
     os.close(fd)
@@ -288,10 +293,10 @@ def test_check_detects_changed_qdisc(lab: Lab) -> None:
 def test_check_detects_detached_program(lab: Lab) -> None:
     pod = lab.pod("a")
     att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
-    lab.run(lab.node, "tc", "filter", "del", "dev", host_veth(pod), "ingress", "pref", str(0xB0D))
+    lab.run(lab.node, "tc", "filter", "del", "dev", host_veth(pod), "ingress", "pref", str(0xFB0D))  # the redirect
     with pytest.raises(PluginFailed) as err:
         att.check()
-    assert "from-pod filter on" in err.value.error["msg"] and "missing" in err.value.error["msg"]
+    assert f"from-pod filter prio 0xfb0d on {host_veth(pod)}: missing" in err.value.error["msg"]
 
 
 def test_check_detects_unexpected_shaping(lab: Lab) -> None:

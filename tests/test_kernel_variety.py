@@ -42,11 +42,12 @@ def test_forced_mirred_fallback_shapes_checks_and_cleans(lab: Lab) -> None:
     att = lab.attach(pod, conflist, bandwidth(ingress=RATE, egress=RATE))
     veth, ifb = host_veth(pod), att.result["interfaces"][-1]["name"]
     kv = view(lab.node)
-    (flt,) = kv.filters[veth]
+    count, flt = kv.filters[veth]
+    assert count["name"].startswith("bwplugin:bwp_count_from_pod_") and count["flags"] == 1
     assert flt["name"].startswith("bwplugin:bwp_from_pod_mirred_") and not flt["flags"]  # not direct action
     assert filter_actions(lab.node, veth) == ["mirred"]
     with Netlink.in_netns(lab.node) as nl:
-        ours = tc.our_filters(nl, kv.links[veth]["index"])[tc.CLSACT_INGRESS]
+        ours = tc.our_filters(nl, kv.links[veth]["index"])[(tc.CLSACT_INGRESS, tc.TAIL_PRIO)]
     assert ours.mirred_ifindex == kv.links[ifb]["index"]
     att.check()
     lab.iperf_server(peer)

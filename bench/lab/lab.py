@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,10 +278,11 @@ class Lab:
         runtime_config: dict[str, Any] | None = None,
         ifname: str = "eth0",
         container_id: str | None = None,
+        between: Callable[[dict[str, Any]], None] | None = None,
     ) -> Attachment:
         att = Attachment(self.runtime, conflist, container_id or f"{pod.name}-cid", pod.netns, ifname, runtime_config)
         pod.attachment = att
-        att.add()
+        att.add(between)
         return att
 
     def exec_shaper(

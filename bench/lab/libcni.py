@@ -11,6 +11,7 @@ import os
 import resource
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,10 +143,14 @@ class Attachment:
             raise PluginFailed(plugin["type"], command, inv.rc, _maybe_json(inv.stdout), inv.stderr)
         return inv
 
-    def add(self) -> dict[str, Any]:
+    def add(self, between: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """ADD down the chain. `between` runs after each plugin but the last, with
+        the result so far: another tool acting while the runtime works through the list."""
         prev = None
-        for plugin in self.conflist["plugins"]:
+        for i, plugin in enumerate(self.conflist["plugins"]):
             prev = self._run(plugin, "ADD", prev).json
+            if between is not None and prev is not None and i < len(self.conflist["plugins"]) - 1:
+                between(prev)
         self.result = prev
         return prev or {}
 

@@ -17,7 +17,9 @@ from ..datapath.shaping import NS_PER_TICK, U32_MAX, TBFParams, tbf_params
 from .common import HostVeth, Undo, entry_flags, find_host_veth, owner_of, shaping_entry
 
 
-def _ensure_no_foreign_qdiscs(nl: Netlink, host: HostVeth) -> None:
+def _clsact_to_share(nl: Netlink, host: HostVeth) -> bool:
+    """Refuse what we cannot share; True if the veth already has another tool's
+    clsact, which we then only add our filters to."""
     root = tc.root_qdisc(nl, host.index)
     if root is not None and root.kind != "noqueue":
         raise ForeignObjectError(
@@ -25,11 +27,20 @@ def _ensure_no_foreign_qdiscs(nl: Netlink, host: HostVeth) -> None:
             "bwplugin does not replace qdiscs it did not create"
         )
     ingress = tc.clsact_qdisc(nl, host.index)
-    if ingress is not None:
+    if ingress is None:
+        return False
+    if ingress.kind != "clsact":
         raise ForeignObjectError(
-            f"host veth {host.name} already has a {ingress.kind} qdisc: bwplugin does not share "
-            "or replace ingress qdiscs it did not create"
+            f"host veth {host.name} already has qdisc {ingress.kind} at ffff:fff1: bwplugin shares a clsact "
+            "but cannot add its egress-hook filter to an ingress qdisc, nor replace it"
         )
+    stale = tc.our_classid(nl, host.index)
+    if stale is not None:
+        raise ForeignObjectError(
+            f"host veth {host.name} already carries bwplugin's filters of attachment {stale}: "
+            "an earlier ADD for this veth was never deleted"
+        )
+    return True
 
 
 def _report_policy(what: str, d: Direction, p: TBFParams, policy: Policy) -> None:
@@ -53,23 +64,23 @@ def cmd_add(env: Env, conf: NetConf) -> dict[str, Any]:
     with Netlink() as nl:
         try:
             host = find_host_veth(nl, env, result)
-            _ensure_no_foreign_qdiscs(nl, host)
-            ifb = _add(nl, env, conf, host, undo)
+            shared = _clsact_to_share(nl, host)
+            ifb = _add(nl, env, conf, host, shared, undo)
         except BaseException:
             undo.rollback()
             raise
     return with_interface(result, ifb.name, ifb.mac) if ifb else result
 
 
-def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Link | None:
+def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, shared: bool, undo: Undo) -> Link | None:
     """Everything that shapes the pod, built so that no packet is steered until the
-    last step (the filters); each step registers its undo."""
+    last step (the redirect filter); each step registers its undo."""
     bw = conf.bandwidth
     progs = bpf.programs()
     undo.push(progs.close)  # on failure: after the steps below that still need its fds
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
     attach_id = _add_entry(progs, env, conf, host, undo)
-    bpf.shaping_set(progs.shaping_fd, attach_id, shaping_entry(conf, host))
+    bpf.shaping_set(progs.shaping_fd, attach_id, shaping_entry(conf, host, shared))
     if bw.ingress:
         add_root(nl, host.index, "ingress", bw.ingress, conf.policy, conf.subnets, host, undo)
     ifb = None
@@ -78,17 +89,31 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> Li
         ifb = add_ifb(nl, ifb_name(conf.name, env.container_id, env.ifname), label, host.mtu, undo)
         bpf.attach_update(progs.map_fd, attach_id, ifb_index=ifb.index)
         add_root(nl, ifb.index, "egress", bw.egress, conf.policy, conf.subnets, host, undo)
-    _add_clsact(nl, host.index, undo)
-    to_pod = "bwp_to_pod"
-    tc.add_bpf_filter(nl, host.index, tc.CLSACT_EGRESS, progs.fd(to_pod), progs.filter_name(to_pod), attach_id)
-    from_pod, mirred_to = "bwp_from_pod", None
+    if not shared:
+        _add_clsact(nl, host.index, undo)
+    # counting first on both hooks; the redirect last, and always there (it passes
+    # packets on while egress is unshaped), so that a live change only writes the map
+    redirect, mirred_to = "bwp_from_pod", None
     if ifb is not None and mode == "mirred":
-        from_pod, mirred_to = "bwp_from_pod_mirred", ifb.index
-    tc.add_bpf_filter(
-        nl, host.index, tc.CLSACT_INGRESS, progs.fd(from_pod), progs.filter_name(from_pod), attach_id, mirred_to
-    )
+        redirect, mirred_to = "bwp_from_pod_mirred", ifb.index
+    for hook, prog, prio, to in (
+        (tc.CLSACT_EGRESS, "bwp_to_pod", tc.FRONT_PRIO, None),
+        (tc.CLSACT_INGRESS, "bwp_count_from_pod", tc.FRONT_PRIO, None),
+        (tc.CLSACT_INGRESS, redirect, tc.TAIL_PRIO, mirred_to),
+    ):
+        _add_filter(nl, host.index, hook, prio, progs, prog, attach_id, to, undo)
     progs.close()  # the filters hold the programs now; a long-lived agent must not keep fds
     return ifb
+
+
+def _add_filter(
+    nl: Netlink, index: int, hook: int, prio: int, progs: bpf.Programs, prog: str, attach_id: int,
+    mirred_to: int | None, undo: Undo,
+) -> None:  # fmt: skip
+    # registered first: a failure (or a kill) right after the kernel made it must
+    # not leave it; deleting a filter that was never made is a no-op
+    undo.push(lambda: tc.delete_our_filter(nl, index, hook, prio, attach_id))
+    tc.add_bpf_filter(nl, index, hook, progs.fd(prog), progs.filter_name(prog), attach_id, mirred_to, prio=prio)
 
 
 def _add_entry(progs: bpf.Programs, env: Env, conf: NetConf, host: HostVeth, undo: Undo) -> int:
@@ -133,7 +158,8 @@ def add_root(
 
 def _add_clsact(nl: Netlink, index: int, undo: Undo) -> None:
     tc.add_clsact(nl, index)
-    undo.push(lambda: tc.delete_qdisc(nl, index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE))
+    # ours, but another tool may have added a filter to it meanwhile: only if empty
+    undo.push(lambda: tc.clsact_is_empty(nl, index) and tc.delete_qdisc(nl, index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE))
 
 
 def add_ifb(nl: Netlink, name: str, label: IfbLabel, mtu: int, undo: Undo) -> Link:

@@ -108,16 +108,20 @@ def _compare(problems: list[str], what: str, want: tuple[int, int, int], got: tu
             problems.append(f"{what}: {field} expected {expected}, actual {actual}")
 
 
+HOOK_NAMES = {tc.CLSACT_INGRESS: "from-pod", tc.CLSACT_EGRESS: "to-pod"}
+
+
 def _check_steering(
     nl: Netlink,
     problems: list[str],
     env: Env,
     conf: NetConf,
     host: HostVeth,
-    filters: dict[int, tc.BPFFilter],
+    filters: dict[tuple[int, int], tc.BPFFilter],
     ifb: Link | None,
 ) -> None:
-    """The clsact filters, the programs they run, and the map entries they read."""
+    """The clsact filters, the programs they run, their place among other tools'
+    filters, and the map entries they read."""
     if tc.clsact_qdisc(nl, host.index) is None:
         problems.append(f"clsact on {host.name}: missing")
     progs = bpf.open_pinned()
@@ -128,13 +132,14 @@ def _check_steering(
         mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if conf.bandwidth.egress else "bpf"
         mirred_to = ifb.index if ifb is not None and mode == "mirred" else None
         want = {
-            tc.CLSACT_EGRESS: ("bwp_to_pod", None),
-            tc.CLSACT_INGRESS: ("bwp_from_pod_mirred" if mirred_to else "bwp_from_pod", mirred_to),
+            (tc.CLSACT_EGRESS, tc.FRONT_PRIO): ("bwp_to_pod", None),
+            (tc.CLSACT_INGRESS, tc.FRONT_PRIO): ("bwp_count_from_pod", None),
+            (tc.CLSACT_INGRESS, tc.TAIL_PRIO): ("bwp_from_pod_mirred" if mirred_to else "bwp_from_pod", mirred_to),
         }
         ids = set()
-        for hook, (prog, target) in want.items():
-            flt = filters.get(hook)
-            where = f"{'from-pod' if hook == tc.CLSACT_INGRESS else 'to-pod'} filter on {host.name}"
+        for (hook, prio), (prog, target) in want.items():
+            flt = filters.get((hook, prio))
+            where = f"{HOOK_NAMES[hook]} filter prio {prio:#x} on {host.name}"
             if flt is None:
                 problems.append(f"{where}: missing")
                 continue
@@ -147,6 +152,8 @@ def _check_steering(
                 problems.append(f"{where}: runs {flt.name} (prog id {flt.prog_id}), expected {prog}")
             if flt.mirred_ifindex != target:
                 problems.append(f"{where}: redirects to ifindex {flt.mirred_ifindex}, expected {target}")
+        for hook in HOOK_NAMES:
+            _check_order(problems, host, hook, tc.hook_filters(nl, host.index, hook))
         if len(ids) != 1:
             if len(ids) > 1:
                 problems.append(f"filters on {host.name}: carry different attachment ids {sorted(ids)}")
@@ -154,6 +161,31 @@ def _check_steering(
         _check_entry(problems, progs, ids.pop(), env, conf, host, ifb)
     finally:
         progs.close()
+
+
+def _check_order(problems: list[str], host: HostVeth, hook: int, chain: list[tc.HookFilter]) -> None:
+    """Other tools' filters may share the hooks, but not so that the pod's packets
+    can miss the shaper. Before our counting filter only filters that provably
+    continue are safe (anything else may end classification, drop or redirect,
+    and we would never see the packet); between it and our redirect, one that
+    certainly ends classification lets the pod's traffic out unshaped."""
+    where = f"{HOOK_NAMES[hook]} hook of {host.name}"
+    ours = [i for i, f in enumerate(chain) if f.ours]
+    if not ours:
+        return  # reported as missing filters
+    for f in chain[: ours[0]]:
+        if f.verdict != "continue":
+            problems.append(
+                f"{where}: expected bwplugin's counting filter (prio {tc.FRONT_PRIO:#x}) before any filter that can "
+                f"take the pod's packets, found {f.describe()} before it"
+            )
+    if hook == tc.CLSACT_INGRESS and len(ours) > 1:
+        for f in chain[ours[0] + 1 : ours[-1]]:
+            if f.verdict == "ends":
+                problems.append(
+                    f"{where}: expected the pod's packets to reach bwplugin's redirect (prio {tc.TAIL_PRIO:#x}), "
+                    f"found {f.describe()} before it: they would leave unshaped"
+                )
 
 
 def _check_entry(

@@ -92,32 +92,54 @@ def owner_of(conf: NetConf, env: Env) -> int:
 
 
 def teardown_host(nl: Netlink, host_index: int, attach_id: int | None = None) -> bool:
-    """Remove our root qdisc and our clsact from a veth. Without attach_id the veth
-    is known to be the pod's; with one (an ifindex from the map, which the kernel
-    may have reused), only if our filters there carry that id."""
+    """Remove our root qdisc and our filters from a veth, and the clsact if we made
+    it and nothing else is on it. Without attach_id the veth is known to be the
+    pod's; with one (an ifindex from the map, which the kernel may have reused),
+    only if our filters there carry that id."""
     host = nl.link(index=host_index)
     if host is None or host.kind != "veth":
         return False
-    filters = tc.our_filters(nl, host_index)
+    filters, foreign = tc.scan_hooks(nl, host_index)
     if attach_id is not None and attach_id not in {f.classid for f in filters.values()}:
         return False
     if tc.is_our_root(tc.root_qdisc(nl, host_index)):
         tc.delete_qdisc(nl, host_index, tc.TC_H_ROOT, tc.ROOT_HANDLE)
+    if not filters:
+        return True
     clsact = tc.clsact_qdisc(nl, host_index)
-    if filters and clsact is not None and clsact.kind == "clsact":
-        tc.delete_qdisc(nl, host_index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE)
+    ids = {f.classid for f in filters.values()}
+    if not foreign and clsact is not None and clsact.kind == "clsact" and not _clsact_shared(ids):
+        tc.delete_qdisc(nl, host_index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE)  # ours, and only ours on it
+        return True
+    for (hook, prio), f in filters.items():
+        tc.delete_filter(nl, host_index, hook, prio, f.handle)
+    if not _clsact_shared(ids) and tc.clsact_is_empty(nl, host_index):
+        tc.delete_qdisc(nl, host_index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE)  # the other tool's filters left first
     return True
+
+
+def _clsact_shared(attach_ids: set[int]) -> bool:
+    """Did ADD find the clsact there (another tool's)? Without a record to say so,
+    it is taken as ours: builds before sharing always made their own."""
+    fd = bpf.open_shaping()
+    if fd is None:
+        return False
+    try:
+        return any((rec := bpf.shaping_get(fd, i)) is not None and rec.flags & bpf.S_CLSACT_SHARED for i in attach_ids)
+    finally:
+        bpf.close_fds(fd)
 
 
 REDIRECT_FLAGS = {"auto": 0, "bpf": bpf.S_REDIRECT_BPF, "mirred": bpf.S_REDIRECT_MIRRED}
 
 
-def shaping_entry(conf: NetConf, host: HostVeth) -> bpf.ShapingEntry:
+def shaping_entry(conf: NetConf, host: HostVeth, shared_clsact: bool = False) -> bpf.ShapingEntry:
     """What ADD shapes with, recorded for live changes and for CHECK after one."""
     bw = conf.bandwidth
     rates = ((bw.ingress.rate, bw.ingress.burst) if bw.ingress else (0, 0),
              (bw.egress.rate, bw.egress.burst) if bw.egress else (0, 0))  # fmt: skip
     flags = REDIRECT_FLAGS[conf.policy.egress_redirect] | (bpf.S_STATIC if bw.source == "static" else 0)
+    flags |= bpf.S_CLSACT_SHARED if shared_clsact else 0
     return bpf.ShapingEntry(
         add=rates, now=rates,
         subnets_digest=bpf.subnets_digest(conf.subnets.networks if conf.subnets else ()),

@@ -323,7 +323,7 @@ def _steer_egress(
     """With act_mirred (kernels before 6.4), the from-pod filter itself names the
     ifb: it is swapped atomically for one that does (or, lifting, one that does not)."""
     mode = probe.redirect_mode(progs, policy.egress_redirect) if ifb_index else "bpf"
-    current = tc.our_filters(nl, t.host.index).get(tc.CLSACT_INGRESS)
+    current = tc.our_filters(nl, t.host.index).get((tc.CLSACT_INGRESS, tc.TAIL_PRIO))
     was_mirred = current is not None and current.mirred_ifindex is not None
     if mode != "mirred" and not was_mirred:
         return  # bpf_redirect: the map write alone steers
@@ -331,9 +331,8 @@ def _steer_egress(
     target = ifb_index if mode == "mirred" else None
 
     def swap(name: str, to: int | None) -> None:
-        tc.add_bpf_filter(
-            nl, t.host.index, tc.CLSACT_INGRESS, progs.fd(name), progs.filter_name(name), t.attach_id, to, replace=True
-        )
+        fd, flt = progs.fd(name), progs.filter_name(name)
+        tc.add_bpf_filter(nl, t.host.index, tc.CLSACT_INGRESS, fd, flt, t.attach_id, to, True, tc.TAIL_PRIO)
 
     swap(prog, target)
     if current is not None:

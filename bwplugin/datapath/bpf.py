@@ -32,7 +32,7 @@ BPFFS = "/sys/fs/bpf"
 MAP_LAYOUT = 3  # bump when bwp_val/bwp_lpm_key change; the map pins are versioned by it
 MAX_ATTACH = 65535  # ids are 16-bit: skb->tc_classid is a u16 (qdisc_skb_cb)
 MAX_SUBNETS = 1 << 22  # LPM entries node-wide (allocated on use, not up front)
-PROGRAMS = ("bwp_from_pod", "bwp_from_pod_mirred", "bwp_to_pod")
+PROGRAMS = ("bwp_count_from_pod", "bwp_from_pod", "bwp_from_pod_mirred", "bwp_to_pod")
 
 # bwp_val.flags (see bpf/bwplugin.c)
 F_EGRESS_SHAPED, F_INGRESS_SHAPED, F_SUBNETS, F_LISTED_UNSHAPED = 1, 2, 4, 8
@@ -41,6 +41,7 @@ S_INGRESS_OVERRIDE, S_EGRESS_OVERRIDE, S_SUBNETS_OVERRIDE = 1, 2, 4
 S_STATIC = 8  # ADD's rates came from the conflist's own keys, not from runtimeConfig
 S_REDIRECT_BPF, S_REDIRECT_MIRRED = 16, 32  # egressRedirect forced (neither: auto)
 S_SHAPED_LIST = 64  # under S_SUBNETS_OVERRIDE: the list is shapedSubnets
+S_CLSACT_SHARED = 128  # the veth's clsact was there before ADD (another tool's): never ours to delete
 S_OVERRIDES = S_INGRESS_OVERRIDE | S_EGRESS_OVERRIDE | S_SUBNETS_OVERRIDE
 INGRESS, EGRESS = 0, 1  # bwp_shaping's array indices
 

@@ -1,7 +1,8 @@
 """The tc objects bwplugin owns: TBF or HTB roots, the clsact qdisc and its cls_bpf filters.
 
 Handles and priorities are fixed and distinctive so that we can tell our
-objects from anybody else's and never touch theirs."""
+objects from anybody else's and never touch theirs. A clsact may be shared with
+other tools: we add and remove only our own filters on it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .netlink import (
     NLM_F_CREATE,
     NLM_F_EXCL,
     RTM_DELQDISC,
+    RTM_DELTFILTER,
     RTM_NEWQDISC,
     RTM_NEWTCLASS,
     RTM_NEWTFILTER,
@@ -45,7 +47,13 @@ CLASS_UNSHAPED = ROOT_HANDLE | 2  # b0d0:2
 LEAF_HANDLE = {CLASS_SHAPED: 0xB0D10000, CLASS_UNSHAPED: 0xB0D20000}  # the classes' bfifos
 PURGE_HANDLE = 0xB0D90000  # a TBF's inner fifo after a purge (see purge_tbf_queue)
 NLM_F_REPLACE = 0x100
-FILTER_PRIO = 0xB0D
+# Counting and classifying come first on a hook, so that no other tool's filter
+# can hide a packet from them; the redirect to the ifb comes last, so that other
+# tools' filters still see what the pod sends. Filters at other priorities are
+# somebody else's. (Builds before sharing put both hooks' filters at FRONT_PRIO.)
+FRONT_PRIO = 0xB0D
+TAIL_PRIO = 0xFB0D
+OUR_PRIOS = (FRONT_PRIO, TAIL_PRIO)
 FILTER_HANDLE = 1
 ETH_P_ALL_BE = 0x0300  # htons(ETH_P_ALL)
 UNSHAPED_RATE = 125_000_000_000  # bytes/s (1 Tbit/s): HTB needs a rate; this one never binds
@@ -58,7 +66,12 @@ TCA_BPF_ACT, TCA_BPF_CLASSID, TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_I
 TCA_BPF_FLAG_ACT_DIRECT = 1
 TCA_ACT_KIND, TCA_ACT_OPTIONS = 1, 2
 TCA_MIRRED_PARMS = 2
-TC_ACT_STOLEN, TCA_EGRESS_REDIR = 4, 1
+TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_PIPE, TC_ACT_STOLEN = -1, 0, 3, 4
+TCA_EGRESS_REDIR, TCA_EGRESS_MIRROR, TCA_INGRESS_REDIR, TCA_INGRESS_MIRROR = 1, 2, 3, 4
+TCA_GACT_PARMS = 2
+TCA_U32_SEL = 5
+# where each classifier keeps its actions (TCA_<KIND>_ACT)
+ACTIONS_ATTR = {"u32": 7, "bpf": TCA_BPF_ACT, "matchall": 2, "flower": 3, "basic": 3, "fw": 4, "route": 6}
 TCA_STATS_BASIC, TCA_STATS_QUEUE = 1, 3
 TC_LINKLAYER_ETHERNET = 1
 
@@ -104,6 +117,21 @@ class QdiscStats:
     overlimits: int
     backlog: int
     qlen: int
+
+
+@dataclass(frozen=True)
+class HookFilter:
+    """Any filter on a clsact hook, in the order the kernel runs them."""
+
+    kind: str
+    prio: int
+    handle: int
+    ours: bool
+    verdict: str  # "continue": provably passes every packet on; "ends": provably not; "unknown"
+    detail: str  # for messages: what it does with a packet, as far as we can tell
+
+    def describe(self) -> str:
+        return f"{self.kind} filter prio {self.prio} handle {self.handle:#x} ({self.detail})"
 
 
 @dataclass(frozen=True)
@@ -241,6 +269,7 @@ def add_bpf_filter(
     classid: int,
     mirred_to: int | None = None,
     replace: bool = False,
+    prio: int = FRONT_PRIO,
 ) -> None:
     """cls_bpf on a clsact hook, in direct-action mode, or (mirred_to) as a plain
     classifier whose match runs an act_mirred redirect to that ifindex. cls_bpf
@@ -253,10 +282,33 @@ def add_bpf_filter(
         parms = _MIRRED.pack(0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, mirred_to)
         action = nla_str(TCA_ACT_KIND, "mirred") + nla_nested(TCA_ACT_OPTIONS, nla(TCA_MIRRED_PARMS, parms))
         opts += nla_nested(TCA_BPF_ACT, nla_nested(1, action))
-    info = (FILTER_PRIO << 16) | ETH_P_ALL_BE
+    info = (prio << 16) | ETH_P_ALL_BE
     body = tcmsg(index, FILTER_HANDLE, hook, info) + nla_str(TCA_KIND, "bpf") + nla(TCA_OPTIONS, opts)
     what = f"{'replace' if replace else 'add'} bpf filter on ifindex {index}"
     _create(nl, RTM_NEWTFILTER, body, "bpf", what, flags=0 if replace else NLM_F_EXCL)
+
+
+def delete_filter(nl: Netlink, index: int, hook: int, prio: int, handle: int = FILTER_HANDLE) -> bool:
+    """Delete one of our cls_bpf filters; False if it (or the device) was gone."""
+    body = tcmsg(index, handle, hook, (prio << 16) | ETH_P_ALL_BE) + nla_str(TCA_KIND, "bpf")
+    try:
+        nl.request(RTM_DELTFILTER, 0, body, f"delete filter prio {prio} on ifindex {index}")
+    except NetlinkError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+            return False
+        raise
+    return True
+
+
+def delete_our_filter(nl: Netlink, index: int, hook: int, prio: int, classid: int) -> bool:
+    """Delete our filter at (hook, prio) only if it is there and carries this
+    attachment id: a filter another tool put in that slot is never touched."""
+    f = our_filters(nl, index).get((hook, prio))
+    return f is not None and f.classid == classid and delete_filter(nl, index, hook, prio, f.handle)
+
+
+def clsact_is_empty(nl: Netlink, index: int) -> bool:
+    return not nl.filters(index, CLSACT_INGRESS) and not nl.filters(index, CLSACT_EGRESS)
 
 
 def delete_qdisc(nl: Netlink, index: int, parent: int, handle: int) -> bool:
@@ -320,20 +372,88 @@ def qdisc_stats(q: TcObject) -> QdiscStats:
     return QdiscStats(nbytes, packets, drops, overlimits, backlog, qlen)
 
 
-def our_filters(nl: Netlink, index: int) -> dict[int, BPFFilter]:
-    """bwplugin's filter on each clsact hook (ours: our priority and name)."""
-    out = {}
+def our_filters(nl: Netlink, index: int) -> dict[tuple[int, int], BPFFilter]:
+    """bwplugin's filters on a veth's clsact hooks (ours: our priorities and
+    name), keyed by (hook, prio)."""
+    return scan_hooks(nl, index)[0]
+
+
+def scan_hooks(nl: Netlink, index: int) -> tuple[dict[tuple[int, int], BPFFilter], int]:
+    """Our filters on both clsact hooks, and how many filters are not ours."""
+    ours, foreign = {}, 0
     for hook in (CLSACT_INGRESS, CLSACT_EGRESS):
-        for f in bpf_filters(nl, index, hook):
-            if f.prio == FILTER_PRIO and f.name.startswith("bwplugin:"):
-                out[hook] = f
-    return out
+        for f in nl.filters(index, hook):
+            if f.handle == 0:
+                continue  # a priority's chain head, not a filter
+            bf = _bpf_filter(hook, f) if f.kind == "bpf" else None
+            if bf is not None and bf.prio in OUR_PRIOS and bf.name.startswith("bwplugin:"):
+                ours[(hook, bf.prio)] = bf
+            else:
+                foreign += 1
+    return ours, foreign
 
 
 def our_classid(nl: Netlink, index: int) -> int | None:
     """The attachment id our filters on a veth carry."""
     filters = our_filters(nl, index)
     return next((f.classid for f in filters.values()), None)
+
+
+def hook_filters(nl: Netlink, index: int, hook: int) -> list[HookFilter]:
+    """Every filter on a hook, in the order the kernel runs them (the dump lists
+    them by priority, then as each chain holds them). The kernel lists a u32
+    filter under both hooks when both have u32 filters of that priority (they
+    share hash tables): CHECK then judges it on both, erring toward a report."""
+    out = []
+    for f in nl.filters(index, hook):
+        if f.handle == 0 or (f.kind == "u32" and TCA_U32_SEL not in f.options):
+            continue  # a priority's chain head, or a u32 hash table: not a filter
+        name = (attr_str(f.options, TCA_BPF_NAME) or "") if f.kind == "bpf" else ""
+        ours = f.kind == "bpf" and f.info >> 16 in OUR_PRIOS and name.startswith("bwplugin:")
+        verdict, detail = _verdict(f)
+        out.append(HookFilter(f.kind, f.info >> 16, f.handle, ours, verdict, detail))
+    return out
+
+
+def _verdict(f: TcObject) -> tuple[str, str]:
+    """What a filter does with a packet it matches, as far as its attributes
+    tell: only a chain of actions ending in gact `continue` (mirrors allowed)
+    provably passes packets on to the next filter."""
+    if f.kind == "bpf" and (attr_u32(f.options, TCA_BPF_FLAGS) or 0) & TCA_BPF_FLAG_ACT_DIRECT:
+        name = attr_str(f.options, TCA_BPF_NAME) or "?"
+        return "unknown", f"eBPF program {name} in direct-action mode: its verdict is its own"
+    attr = ACTIONS_ATTR.get(f.kind)
+    if attr is None:
+        return "unknown", "a classifier whose actions bwplugin does not read"
+    actions = [parse_attrs(a) for a in parse_attrs(f.options.get(attr, b"")).values()]
+    if not actions:
+        return "ends", "no actions: a match ends classification"
+    for action in actions:
+        kind = attr_str(action, TCA_ACT_KIND) or "?"
+        parms = parse_attrs(action.get(TCA_ACT_OPTIONS, b""))
+        if kind == "mirred":
+            raw = parms.get(TCA_MIRRED_PARMS, b"")
+            if len(raw) < _MIRRED.size:
+                return "unknown", "action mirred"
+            eaction, verdict = _MIRRED.unpack_from(raw)[5], _MIRRED.unpack_from(raw)[2]
+            if eaction not in (TCA_EGRESS_MIRROR, TCA_INGRESS_MIRROR):
+                return "ends", "action mirred redirect: takes the packet"
+        elif kind == "gact":
+            raw = parms.get(TCA_GACT_PARMS, b"")
+            if len(raw) < 12:
+                return "unknown", "action gact"
+            verdict = struct.unpack_from("=IIi", raw)[2]
+        else:
+            return "unknown", f"action {kind}"
+        if verdict == TC_ACT_PIPE:
+            continue
+        if verdict == TC_ACT_UNSPEC:
+            return "continue", "action continue"
+        return "ends", f"action with verdict {_VERDICTS.get(verdict, verdict)}"
+    return "ends", "actions end in pipe: classification stops there"
+
+
+_VERDICTS = {TC_ACT_OK: "ok", 1: "reclassify", 2: "drop", TC_ACT_PIPE: "pipe", TC_ACT_STOLEN: "stolen", 7: "redirect"}
 
 
 def _mirred_target(raw: bytes | None) -> int | None:
@@ -348,20 +468,17 @@ def _mirred_target(raw: bytes | None) -> int | None:
 
 
 def bpf_filters(nl: Netlink, index: int, hook: int) -> list[BPFFilter]:
-    out = []
-    for f in nl.filters(index, hook):
-        if f.kind != "bpf" or f.handle == 0:
-            continue  # handle 0 is the per-prio chain head, not a filter
-        out.append(
-            BPFFilter(
-                hook=hook,
-                prio=f.info >> 16,
-                handle=f.handle,
-                name=attr_str(f.options, TCA_BPF_NAME) or "",
-                prog_id=attr_u32(f.options, TCA_BPF_ID) or 0,
-                classid=attr_u32(f.options, TCA_BPF_CLASSID) or 0,
-                direct_action=bool((attr_u32(f.options, TCA_BPF_FLAGS) or 0) & TCA_BPF_FLAG_ACT_DIRECT),
-                mirred_ifindex=_mirred_target(f.options.get(TCA_BPF_ACT)),
-            )
-        )
-    return out
+    return [_bpf_filter(hook, f) for f in nl.filters(index, hook) if f.kind == "bpf" and f.handle != 0]
+
+
+def _bpf_filter(hook: int, f: TcObject) -> BPFFilter:
+    return BPFFilter(
+        hook=hook,
+        prio=f.info >> 16,
+        handle=f.handle,
+        name=attr_str(f.options, TCA_BPF_NAME) or "",
+        prog_id=attr_u32(f.options, TCA_BPF_ID) or 0,
+        classid=attr_u32(f.options, TCA_BPF_CLASSID) or 0,
+        direct_action=bool((attr_u32(f.options, TCA_BPF_FLAGS) or 0) & TCA_BPF_FLAG_ACT_DIRECT),
+        mirred_ifindex=_mirred_target(f.options.get(TCA_BPF_ACT)),
+    )
