@@ -134,6 +134,26 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def attach_table(rows: list[dict[str, Any]]) -> str:
+    """TCX path against cls_bpf path: the ratio is tcx / tc (1.00: the same)."""
+    out = ["| measure | rate Mbit/s | direction | proto | TCX links | cls_bpf filters | TCX / cls_bpf |",
+           "|---|---:|---|---|---:|---:|---:|"]  # fmt: skip
+    acc = [r for r in rows if r["measure"] == "accuracy"]
+    keys = sorted({(r["rate"], r["direction"], r["proto"]) for r in acc})
+    for rate, direction, proto in keys:
+        got = {r["path"]: _med([x["wire_ratio"] for x in acc if (x["rate"], x["direction"], x["proto"], x["path"])
+                                == (rate, direction, proto, r["path"])]) for r in acc}  # fmt: skip
+        if "tcx" in got and "tc" in got:
+            out.append(f"| wire/conf | {rate / 1e6:g} | {direction} | {proto} | {got['tcx']:.4f} | {got['tc']:.4f} "
+                       f"| {got['tcx'] / got['tc']:.4f} |")  # fmt: skip
+    cost = {r["path"]: r for r in rows if r["measure"] == "cost"}
+    if "tcx" in cost and "tc" in cost:
+        for label, key in (("ADD p50 ms (agent)", "add_ms"), ("DEL p50 ms (agent)", "del_ms")):
+            a, b = _p(cost["tcx"][key], 50), _p(cost["tc"][key], 50)
+            out.append(f"| {label} | 10 | both | – | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+    return "\n".join(out)
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     parts = [
@@ -151,6 +171,8 @@ def markdown(result: dict[str, Any]) -> str:
         ("Unshaped subnets (TCP goodput; pod shaped at 10 Mbit/s both ways, bwplugin with unshapedSubnets)",
          "subnets", subnets_table),
         ("Cost of ADD and DEL (shaping plugin alone, both directions shaped)", "cost", cost_table),
+        ("bwplugin's counting programs on TCX links vs cls_bpf filters (tcAttach; interleaved, one run)",
+         "attach", attach_table),
     ):  # fmt: skip
         if result.get(key):
             parts += [f"#### {title}", fn(result[key])]

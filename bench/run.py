@@ -30,6 +30,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fairness": {"rate": 10 * M, "flow_counts": [4], "seconds": 1},
         "subnets": {"rate": 10 * M, "seconds": 1},
         "cost": {"pods": 5, "background": 0},
+        "attach": {"rates": [10 * M], "seconds": 1, "pods": 2},
     },
     "quick": {
         "accuracy": {"rates": [1 * M, 10 * M, 100 * M, 1000 * M], "protos": ["tcp", "udp"], "repeats": 1, "seconds": 3},
@@ -38,6 +39,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fairness": {"rate": 100 * M, "flow_counts": [4, 16], "seconds": 3},
         "subnets": {"rate": 10 * M, "seconds": 3},
         "cost": {"pods": 20, "background": 200},
+        "attach": {"rates": [100 * M, 1000 * M], "seconds": 3, "pods": 20},
     },
     "full": {
         "accuracy": {
@@ -51,6 +53,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fairness": {"rate": 100 * M, "flow_counts": [4, 16], "seconds": 5},
         "subnets": {"rate": 10 * M, "seconds": 5},
         "cost": {"pods": 50, "background": 500},
+        "attach": {"rates": [100 * M, 1000 * M, 5000 * M], "seconds": 5, "pods": 50},
     },
 }
 
@@ -89,6 +92,7 @@ def run(profile: str, out: Path, only: list[str] | None = None) -> dict[str, Any
             ("fairness", scenarios.fairness),
             ("subnets", scenarios.subnets),
             ("cost", scenarios.cost),
+            ("attach", scenarios.attach_paths),
         ):
             if only and name not in only:
                 continue

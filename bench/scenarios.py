@@ -8,7 +8,7 @@ import subprocess
 import time
 from typing import Any
 
-from bench.lab.lab import CONTAINERD_BURST, remove_pin_dir
+from bench.lab.lab import CONTAINERD_BURST, remove_pin_dir, runtime_bandwidth
 from bench.lab.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler, iperf_goodput
 
 from .harness import LOAD_PORT, MEASURE_PORT, PLUGINS, SUBNETS, Bench, order, progress
@@ -322,4 +322,46 @@ def cost(bench: Bench, pods: int, background: int) -> list[dict[str, Any]]:
         phase(f"{background} pods shaped")
         for variant, shaped in held:
             _timed_del(bench, variant, shaped)
+    return rows
+
+
+# ---------------------------------------------------------------- 7. attach paths (bwplugin alone)
+
+ATTACH_PATHS = ("tcx", "tc")
+
+
+def attach_paths(bench: Bench, rates: list[int], seconds: float, pods: int) -> list[dict[str, Any]]:
+    """bwplugin's two ways of attaching its counting programs (tcAttach), interleaved
+    in one run: TCX links against cls_bpf filters. Wire/conf in both directions, and
+    ADD/DEL wall time through the agent."""
+    rows: list[dict[str, Any]] = []
+    points = [(r, d, p) for r in rates for d in ("ingress", "egress") for p in ("tcp", "udp")]
+    for n, (rate, direction, proto) in enumerate(points):
+        for path in ATTACH_PATHS if n % 2 == 0 else ATTACH_PATHS[::-1]:
+            with bench.shaped_with("bwplugin", {"tcAttach": path}, **{direction: rate}) as shaped:
+                dev = shaped.device(direction)
+                with Sampler(bench.lab.node, [dev], interval=0.1) as s:
+                    bench.iperf(
+                        shaped.pod,
+                        seconds=seconds,
+                        reverse=direction == "ingress",
+                        udp_rate=int(rate * 1.2) if proto == "udp" else 0,
+                    )
+            wire = s.steady_rate(dev)
+            rows.append({"measure": "accuracy", "path": path, "rate": rate, "direction": direction,
+                         "proto": proto, "wire_ratio": wire / rate})  # fmt: skip
+            progress(f"attach {path:3} {direction:7} {proto} {rate / 1e6:6g} Mbit/s: wire {wire / rate:.4f}")
+    times: dict[str, dict[str, list[float]]] = {p: {"add": [], "del": []} for p in ATTACH_PATHS}
+    for i in range(pods):
+        for path in ATTACH_PATHS if i % 2 == 0 else ATTACH_PATHS[::-1]:
+            shaped = bench.add("bwplugin", runtime_bandwidth(ingress=10**7, egress=10**7), {"tcAttach": path})
+            att = shaped.pod.attachment
+            assert att is not None
+            bench.lab.remove_pod(shaped.pod)
+            times[path]["add"].append(att.timings["bwplugin:ADD"] * 1000)
+            times[path]["del"].append(att.timings["bwplugin:DEL"] * 1000)
+    for path, t in times.items():
+        rows.append({"measure": "cost", "path": path, "add_ms": t["add"], "del_ms": t["del"]})
+        add, dels = statistics.median(t["add"]), statistics.median(t["del"])
+        progress(f"attach {path:3}: ADD p50 {add:.1f} ms, DEL p50 {dels:.1f} ms")
     return rows

@@ -14,8 +14,16 @@
 //                        action: count and classify, pass on; the veth's root
 //                        qdisc shapes them.
 //
-// TC_ACT_UNSPEC ("continue") lets the filters after ours run; TC_ACT_OK would
-// end classification there and hide the pod's packets from every later filter.
+//   bwp_tcx_from_pod     the counting programs again, for TCX links (Linux 6.6+),
+//   bwp_tcx_to_pod       attached first on the veth's TCX hooks, before any other
+//                        tool's TCX program and so before every clsact filter. The
+//                        redirect stays the clsact's last filter: TCX programs run
+//                        before all clsact filters, so a redirect from TCX would
+//                        hide the pod's packets from every other tool's filter.
+//
+// TC_ACT_UNSPEC ("continue"; TCX_NEXT on a TCX hook) lets the filters and
+// programs after ours run; TC_ACT_OK would end classification there and hide
+// the pod's packets from every later filter.
 //
 // Each attachment's filters carry its node-unique attachment id (1..65535) as
 // their classid; cls_bpf places it in skb->tc_classid (16 bits) before running
@@ -42,6 +50,11 @@
 #define F_INGRESS_SHAPED  2  // traffic to the pod has a rate
 #define F_SUBNETS         4  // classify by peer address (HTB with two classes)
 #define F_LISTED_UNSHAPED 8  // listed prefixes are unshaped (unshapedSubnets), else shaped
+// Counting starts when what the direction is counted for is in place (the root
+// qdisc to the pod, the redirect from it), so that the counters and the queue
+// see the same packets: ADD attaches the programs first and sets these last.
+#define F_COUNT_TO_POD    16
+#define F_COUNT_FROM_POD  32
 
 #define HTB_SHAPED   0xB0D00001
 #define HTB_UNSHAPED 0xB0D00002
@@ -99,6 +112,10 @@ BPF_TABLE_PINNED("hash", __u32, struct bwp_val, bwp_attach, BWP_MAX_ATTACH, BWP_
 BPF_TABLE_PINNED("hash", __u32, struct bwp_pod, bwp_pods, BWP_MAX_ATTACH, BWP_POD_PIN, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct bwp_shaping, bwp_shaping, BWP_MAX_ATTACH, BWP_SHAPING_PIN,
                  BPF_F_NO_PREALLOC);
+// TCX links carry no classid: the veth's ifindex finds the attachment id. (One
+// pin directory serves one network namespace's veths; ADD falls back to cls_bpf
+// on an ifindex that another live attachment already holds.)
+BPF_TABLE_PINNED("hash", __u32, __u32, bwp_tcx, BWP_MAX_ATTACH, BWP_TCX_PIN, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct bwp_lpm_key, __u8, bwp_subnets, BWP_MAX_SUBNETS, BWP_LPM_PIN,
                  BPF_F_NO_PREALLOC);
 
@@ -173,6 +190,8 @@ static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *va
         shaped = (flags & F_LISTED_UNSHAPED) ? !listed : listed;
         skb->priority = shaped ? HTB_SHAPED : HTB_UNSHAPED;
     }
+    if (!(flags & (from_pod ? F_COUNT_FROM_POD : F_COUNT_TO_POD)))
+        return shaped;  // ADD is not done with this direction yet
     struct bwp_count *c;
     if (from_pod)
         c = shaped ? &val->from_pod_shaped : &val->from_pod_unshaped;
@@ -221,3 +240,27 @@ int bwp_to_pod(struct __sk_buff *skb)
         bwp_account(skb, val, id, 0);
     return TC_ACT_UNSPEC;
 }
+
+// The attachment of the veth this TCX program runs on, if its entry says so.
+static __always_inline struct bwp_val *bwp_tcx_val(struct __sk_buff *skb, __u32 *id)
+{
+    __u32 ifindex = skb->ifindex;
+    __u32 *found = bwp_tcx.lookup(&ifindex);
+    if (!found)
+        return 0;
+    *id = *found;
+    struct bwp_val *val = bwp_attach.lookup(id);
+    return val && val->host_ifindex == ifindex ? val : 0;
+}
+
+static __always_inline int bwp_tcx_count(struct __sk_buff *skb, int from_pod)
+{
+    __u32 id = 0;
+    struct bwp_val *val = bwp_tcx_val(skb, &id);
+    if (val)
+        bwp_account(skb, val, id, from_pod);
+    return TC_ACT_UNSPEC;  // TCX_NEXT
+}
+
+int bwp_tcx_from_pod(struct __sk_buff *skb) { return bwp_tcx_count(skb, 1); }
+int bwp_tcx_to_pod(struct __sk_buff *skb) { return bwp_tcx_count(skb, 0); }

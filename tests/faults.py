@@ -19,10 +19,10 @@ from typing import Any
 from bwplugin.cni import settings
 from bwplugin.cni.errors import IOFailureError
 from bwplugin.commands import add
-from bwplugin.datapath import probe, tc
+from bwplugin.datapath import probe, tc, tcx
 from bwplugin.datapath.netlink import Netlink
 
-POINTS = ("after-map", "after-ingress", "after-ifb-create", "after-ifb", "after-clsact", "after-filter")
+POINTS = ("after-map", "after-ingress", "after-ifb-create", "after-ifb", "after-clsact", "after-tcx", "after-filter")
 
 
 def spec() -> str:
@@ -62,16 +62,22 @@ def _point_of_create(nl: Any, name: str, kind: str, *args: Any, **kwargs: Any) -
 
 
 def _point_of_filter(nl: Any, index: int, hook: int, *args: Any, **kwargs: Any) -> str | None:
-    return "after-filter" if kwargs.get("prio") == tc.TAIL_PRIO else None  # the redirect: the last one ADD attaches
+    return "after-filter" if kwargs.get("prio") == tc.TAIL_PRIO else None  # the redirect
+
+
+def _point_of_tcx(progs: Any, ifindex: int, owner: int, hook: str) -> str | None:
+    return "after-tcx" if hook == "ingress" else None  # both links are pinned
 
 
 def install() -> None:
     """After each step of ADD has made its object and registered its undo: the map
-    entry (with its prefixes and pod), each root qdisc, the clsact, and the last
-    filter. ADD alone sees the wrapped tc (the kernel probes keep the real one)."""
+    entry (with its prefixes and pod), the clsact, each root qdisc, the redirect
+    filter, and the from-pod TCX link (the last step on the TCX path). ADD alone
+    sees the wrapped tc (the kernel probes keep the real one)."""
     add._add_entry = _after(add._add_entry, lambda *a, **k: "after-map")
     add.add_root = _after(add.add_root, _point_of_root)
     add._add_clsact = _after(add._add_clsact, lambda *a, **k: "after-clsact")
     # between creating the ifb and labelling it with its alias
     Netlink.create_link = _after(Netlink.create_link, _point_of_create)  # type: ignore[method-assign]
     add.tc = SimpleNamespace(**{**vars(tc), "add_bpf_filter": _after(tc.add_bpf_filter, _point_of_filter)})  # type: ignore[assignment]
+    add.tcx = SimpleNamespace(**{**vars(tcx), "attach": _after(tcx.attach, _point_of_tcx)})  # type: ignore[assignment]

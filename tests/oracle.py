@@ -107,17 +107,27 @@ def _has_redirect(kv: KernelView, ifb: str) -> bool:
 
 
 def attach_count() -> int:
-    """Entries in the pinned per-attachment maps (attach, pods, shaping records;
-    0 for a map that does not exist): every one must go with its attachment."""
-    total = 0
+    """Entries in the pinned per-attachment maps (attach, pods, shaping records,
+    TCX ifindex claims; 0 for a map that does not exist) and pinned TCX links:
+    every one must go with its attachment."""
+    total = len(link_pins())
     for fd, size in ((bpf.open_map(), bpf.VAL.size), (bpf.open_pods(), bpf.POD_VAL.size),
-                     (bpf.open_shaping(), bpf.SHAPING_VAL.size)):  # fmt: skip
+                     (bpf.open_shaping(), bpf.SHAPING_VAL.size), (bpf.open_tcx(), bpf.KEY.size)):  # fmt: skip
         if fd is not None:
             try:
                 total += len(bpf.map_items(fd, bpf.KEY.size, size))
             finally:
                 os.close(fd)
     return total
+
+
+def link_pins(pin_dir: str | None = None) -> list[str]:
+    """Pinned TCX links in the pin directory, by name."""
+    path = pin_dir or os.environ.get("BWPLUGIN_PIN_DIR", "/sys/fs/bpf/bwplugin")
+    try:
+        return sorted(p for p in os.listdir(path) if p.startswith("tcx_link_"))
+    except FileNotFoundError:
+        return []
 
 
 def filter_actions(netns: str, dev: str) -> list[str]:
@@ -139,3 +149,65 @@ def filter_actions(netns: str, dev: str) -> list[str]:
 def lpm_ids(lpm_fd: int) -> set[int]:
     """Attachment ids that still have prefixes in the LPM trie."""
     return {bpf.LPM_KEY.unpack(k)[1] for k in bpf.map_keys(lpm_fd, bpf.LPM_KEY.size)}
+
+
+def tcx_chain(netns: str, dev: str, hook: str) -> list[str]:
+    """Names of the programs on a device's TCX hook, in the order they run: a raw
+    bpf(BPF_PROG_QUERY) made here (bpftool 7.1 predates TCX), independent of
+    bwplugin's libbpf wrappers, and names from bpftool."""
+    import ctypes
+    import json
+    import socket
+    import struct
+    import subprocess
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_bpf, prog_query, clone_newnet = 321, 16, 0x40000000  # x86_64
+    attach_type = {"ingress": 46, "egress": 47}[hook]  # BPF_TCX_INGRESS, BPF_TCX_EGRESS
+    out: dict[str, Any] = {}
+
+    def run() -> None:  # in a thread of its own: setns moves only this thread
+        fd = os.open(netns, os.O_RDONLY)
+        try:
+            assert libc.setns(fd, clone_newnet) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            os.close(fd)
+        ids = (ctypes.c_uint32 * 64)()
+        attr = ctypes.create_string_buffer(72)
+        # union bpf_attr.query: target_ifindex, attach_type, query_flags, attach_flags, prog_ids, count
+        struct.pack_into("=IIIIQI", attr, 0, socket.if_nametoindex(dev), attach_type, 0, 0, ctypes.addressof(ids), 64)
+        if libc.syscall(sys_bpf, prog_query, attr, 72) != 0:
+            out["error"] = os.strerror(ctypes.get_errno())
+            return
+        out["ids"] = list(ids[: struct.unpack_from("=I", attr.raw, 24)[0]])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert "error" not in out, out["error"]
+    names = []
+    for prog_id in out["ids"]:
+        info = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
+        names.append(json.loads(info.stdout).get("name", "?") if info.returncode == 0 else "?")
+    return names
+
+
+def kernel_has_tcx() -> bool:
+    """Does the running kernel have TCX (CONFIG_NET_XGRESS, Linux 6.6+)? Read from
+    its symbol table, not from bwplugin's probe."""
+    with open("/proc/kallsyms") as fh:
+        return any(line.rstrip().endswith(" tcx_link_attach") for line in fh)
+
+
+def settled_tcx_chain(netns: str, dev: str, hook: str, timeout: float = 5.0) -> list[str]:
+    """tcx_chain once it stops changing: the agent detaches a deleted attachment's
+    links just after DEL has answered, as it deletes its ifb."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    names = tcx_chain(netns, dev, hook)
+    while any(n.startswith("bwp_tcx_") for n in names) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        names = tcx_chain(netns, dev, hook)
+    return names

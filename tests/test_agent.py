@@ -43,14 +43,14 @@ def test_socket_is_root_only(agent_lab: Lab) -> None:
 def test_agent_killed_mid_add_then_restarted_converges(agent_lab: Lab) -> None:
     lab = agent_lab
     pod = lab.pod("a")
-    lab.set_fault("after-clsact:kill")  # the agent dies inside ADD
+    lab.set_fault("after-filter:kill")  # the agent dies inside ADD, after the redirect filter
     with pytest.raises(PluginFailed) as err:
         lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=10_000_000, egress=10_000_000))
     lab.set_fault(None)
     assert err.value.error["code"] == 11 and "agent failed during ADD" in err.value.error["msg"]
     assert lab.agent is not None and lab.agent.wait(timeout=10) == -9
     lab.agent = None
-    assert len(view(lab.node).ifbs()) == 1  # half-made: ifb, map entry and clsact are there
+    assert len(view(lab.node).ifbs()) == 1  # half-made: ifb, map entry, clsact and filters are there
     lab.start_agent()  # restart: nothing was kept in memory
     pod.attachment.delete()  # the runtime's DEL after a failed ADD cleans all of it
     assert settled_ifbs(lab.node) == []

@@ -35,6 +35,13 @@ def test_bench_smoke_profile_writes_json_markdown_and_png(tmp_path: Path) -> Non
         assert row["goodput_bps"] > 0 and row["destination"] in ("shaped peer", "unshaped peer"), row
     for row in doc["cost"]:
         assert len(row["add_ms"]) >= 1 and all(x > 0 for x in row["add_ms"]), row
+    paths = {(row["measure"], row["path"]) for row in doc["attach"]}
+    assert paths == {(m, p) for m in ("accuracy", "cost") for p in ("tcx", "tc")}, paths
+    for row in doc["attach"]:
+        if row["measure"] == "accuracy":
+            assert 0 < row["wire_ratio"] < 10, row
+        else:
+            assert len(row["add_ms"]) == len(row["del_ms"]) == 2 and min(row["add_ms"] + row["del_ms"]) > 0, row
     md = (tmp_path / "smoke.md").read_text()
     for heading in (
         "Steady-state accuracy",
@@ -43,6 +50,7 @@ def test_bench_smoke_profile_writes_json_markdown_and_png(tmp_path: Path) -> Non
         "Fairness",
         "Unshaped subnets",
         "Cost of ADD",
+        "TCX links vs cls_bpf filters",
     ):
         assert heading in md
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

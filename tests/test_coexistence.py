@@ -13,18 +13,23 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.lab.lab import Lab, Pod
 from bench.lab.libcni import PluginFailed, plugin_conf
 from bench.lab.measure import iperf_goodput
+from bwplugin.datapath import bpf
+from bwplugin.datapath.netlink import CLONE_NEWNET
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import settled_ifbs, view
+from .oracle import kernel_has_tcx, link_pins, settled_ifbs, settled_tcx_chain, tcx_chain, view
 
 pytestmark = pytest.mark.kernel
 RATE = 10_000_000
@@ -37,7 +42,7 @@ U32_PRIO = {"ingress": 1, "egress": 2}
 FOREIGN_C = r"""
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
-BPF_ARRAY(hits, u64, 2);  // packets seen: [0] clsact ingress, [1] clsact egress
+BPF_ARRAY(hits, u64, 4);  // packets seen: [0] clsact ingress, [1] clsact egress, [2] TCX ingress, [3] TCX egress
 
 static __always_inline int seen(int hook)
 {
@@ -48,6 +53,8 @@ static __always_inline int seen(int hook)
 }
 int foreign_ingress(struct __sk_buff *skb) { return seen(0); }
 int foreign_egress(struct __sk_buff *skb) { return seen(1); }
+int foreign_tcx_ingress(struct __sk_buff *skb) { return seen(2); }  // TCX_NEXT
+int foreign_tcx_egress(struct __sk_buff *skb) { return seen(3); }
 """
 
 
@@ -60,16 +67,16 @@ class ForeignProgram:
         self.dir = Path(f"/sys/fs/bpf/bwpt-foreign-{os.getpid()}")
         self.dir.mkdir(exist_ok=True)
         self.bcc = BPF(text=FOREIGN_C.encode())
-        self.pins = {}
-        for hook in HOOKS:
-            fn = self.bcc.load_func(f"foreign_{hook}".encode(), BPF.SCHED_CLS)
-            path = self.dir / hook
+        self.pins, self.fds = {}, {}
+        for name in (*HOOKS, "tcx_ingress", "tcx_egress"):
+            fn = self.bcc.load_func(f"foreign_{name}".encode(), BPF.SCHED_CLS)
+            path = self.dir / name
             path.unlink(missing_ok=True)
             assert libbcc.lib.bpf_obj_pin(fn.fd, str(path).encode()) == 0, f"pinning {path}"
-            self.pins[hook] = path
+            self.pins[name], self.fds[name] = path, fn.fd
 
-    def hits(self, hook: str) -> int:
-        return int(self.bcc[b"hits"][ctypes.c_int(HOOKS.index(hook))].value)
+    def hits(self, name: str) -> int:
+        return int(self.bcc[b"hits"][ctypes.c_int((*HOOKS, "tcx_ingress", "tcx_egress").index(name))].value)
 
     def close(self) -> None:
         for path in self.pins.values():
@@ -92,11 +99,13 @@ class ForeignTool:
     and an eBPF filter after bwplugin's counting one (tc's default priority), on
     both hooks; the clsact too, if there is none yet."""
 
-    def __init__(self, lab: Lab, veth: str, prog: ForeignProgram) -> None:
-        self.lab, self.veth, self.prog = lab, veth, prog
+    def __init__(self, lab: Lab, veth: str, prog: ForeignProgram, tcx: bool = False) -> None:
+        self.lab, self.veth, self.prog, self.tcx = lab, veth, prog, tcx
         self.sink = f"bwpt-sk{os.getpid() % 10000}"
-        self.base = {hook: prog.hits(hook) for hook in HOOKS}
+        self.counters = [*HOOKS, *(("tcx_ingress", "tcx_egress") if tcx else ())]
+        self.base = {name: prog.hits(name) for name in self.counters}
         self.made_clsact = False
+        self.links: list[Path] = []
 
     def tc(self, *args: str) -> str:
         return self.lab.run(self.lab.node, "tc", *args).stdout
@@ -113,8 +122,12 @@ class ForeignTool:
                     "match", "u32", "0", "0", *mirror)  # fmt: skip
             self.tc("filter", "add", "dev", self.veth, hook, "prio", str(FOREIGN_PRIO), "handle", "1",
                     "bpf", "da", "object-pinned", str(self.prog.pins[hook]))  # fmt: skip
+            if self.tcx:  # a TCX tool appends its program (no BPF_F_BEFORE)
+                self.links.append(tcx_attach(self.lab.node, self.veth, self.prog, hook, 0))
 
     def remove(self) -> None:
+        for path in self.links:
+            path.unlink(missing_ok=True)  # the last reference: the link detaches
         self.lab.run(self.lab.node, "sh", "-c", f"ip link del {self.sink} 2>/dev/null || true")
 
     def filters(self, hook: str) -> list[dict]:
@@ -132,9 +145,37 @@ class ForeignTool:
         u32 = u32s[0]
         return int(u32["options"]["actions"][0]["stats"]["packets"])
 
-    def seen(self) -> dict[str, tuple[int, int]]:
-        """Per hook: packets counted by the u32 filter and by the eBPF program."""
-        return {hook: (self.u32_packets(hook), self.prog.hits(hook) - self.base[hook]) for hook in HOOKS}
+    def seen(self) -> dict[str, tuple[int, ...]]:
+        """Per hook: packets counted by the u32 filter, the eBPF filter and (tcx) the TCX program."""
+        out = {}
+        for hook in HOOKS:
+            names = [hook] + ([f"tcx_{hook}"] if self.tcx else [])
+            out[hook] = (self.u32_packets(hook), *(self.prog.hits(n) - self.base[n] for n in names))
+        return out
+
+
+def tcx_attach(netns: str, dev: str, prog: ForeignProgram, hook: str, flags: int) -> Path:
+    """Another tool's TCX link for its program on the device, pinned beside the program."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:  # setns moves only this thread
+        fd = os.open(netns, os.O_RDONLY)
+        try:
+            assert ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) == 0
+        finally:
+            os.close(fd)
+        attach_type = bpf.BPF_TCX_INGRESS if hook == "ingress" else bpf.BPF_TCX_EGRESS
+        link = bpf.link_create(prog.fds[f"tcx_{hook}"], socket.if_nametoindex(dev), attach_type, flags)
+        path = prog.dir / f"link_{dev}_{hook}_{flags}"
+        path.unlink(missing_ok=True)
+        bpf.obj_pin(link, path)
+        os.close(link)
+        out["path"] = path
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return Path(out["path"])
 
 
 def our_offered(lab: Lab, container_id: str) -> dict[str, int]:
@@ -156,14 +197,21 @@ def shaped_both_ways(lab: Lab, pod: Pod, peer: Pod) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("when", ["before-add", "after-add"])
-def test_foreign_filters_keep_counting_and_the_rate_holds(lab: Lab, foreign_prog: ForeignProgram, when: str) -> None:
-    conflist = lab.conflist(shaper())
+@pytest.mark.parametrize("mode", ["tcx", "tc"])
+def test_foreign_filters_keep_counting_and_the_rate_holds(
+    lab: Lab, foreign_prog: ForeignProgram, when: str, mode: str
+) -> None:
+    """tcx: bwplugin counts with TCX links, the other tool has a TCX program too;
+    tc: bwplugin counts with cls_bpf filters (forced, as on a kernel before 6.6)."""
+    if mode == "tcx" and not kernel_has_tcx():
+        pytest.skip("this kernel has no TCX")
+    conflist = lab.conflist(shaper(tcAttach=mode))
     peer, pod = lab.pod("peer"), lab.pod("a")
-    lab.attach(peer, conflist)
+    lab.attach(peer, lab.conflist(shaper()))
     tools: list[ForeignTool] = []
 
     def foreign_tool_arrives(result: dict) -> None:
-        tools.append(ForeignTool(lab, host_veth(pod, result), foreign_prog))
+        tools.append(ForeignTool(lab, host_veth(pod, result), foreign_prog, tcx=mode == "tcx"))
         tools[0].install()
 
     try:
@@ -176,8 +224,14 @@ def test_foreign_filters_keep_counting_and_the_rate_holds(lab: Lab, foreign_prog
         veth = host_veth(pod, att.result)
         assert tool.made_clsact == (when == "before-add")  # before: bwplugin shares the other tool's clsact
         # bwplugin counts first and redirects last; the other tool's filters sit around them
-        assert tool.kinds("ingress") == [(1, "u32"), (0xB0D, "bpf"), (FOREIGN_PRIO, "bpf"), (0xFB0D, "bpf")]
-        assert tool.kinds("egress") == [(2, "u32"), (0xB0D, "bpf"), (FOREIGN_PRIO, "bpf")]
+        if mode == "tcx":  # counting by TCX links, ahead of every clsact filter
+            assert tool.kinds("ingress") == [(1, "u32"), (FOREIGN_PRIO, "bpf"), (0xFB0D, "bpf")]
+            assert tool.kinds("egress") == [(2, "u32"), (FOREIGN_PRIO, "bpf")]
+            for hook, ours in (("ingress", "bwp_tcx_from_pod"), ("egress", "bwp_tcx_to_pod")):
+                assert tcx_chain(lab.node, veth, hook) == [ours, f"foreign_tcx_{hook}"]
+        else:
+            assert tool.kinds("ingress") == [(1, "u32"), (0xB0D, "bpf"), (FOREIGN_PRIO, "bpf"), (0xFB0D, "bpf")]
+            assert tool.kinds("egress") == [(2, "u32"), (0xB0D, "bpf"), (FOREIGN_PRIO, "bpf")]
         att.check()
 
         lab.iperf_server(peer)
@@ -188,10 +242,10 @@ def test_foreign_filters_keep_counting_and_the_rate_holds(lab: Lab, foreign_prog
         assert 0.9 < out < 1.05 and 0.9 < into < 1.05, (out, into)
         for hook in HOOKS:
             mine = ours[hook] - ours_before[hook]
-            u32, ebpf = (theirs[hook][i] - theirs_before[hook][i] for i in range(2))
+            counts = [theirs[hook][i] - theirs_before[hook][i] for i in range(len(theirs[hook]))]
             assert mine > 2000, (hook, mine)  # 3 s each way of 20 Mbit/s in 1400-byte datagrams, or its acks
-            # every packet on the hook passed all three (a stray ND frame between reads aside)
-            assert abs(u32 - mine) <= 3 and abs(ebpf - mine) <= 3, (hook, mine, u32, ebpf)
+            # every packet on the hook passed all of them (a stray ND frame between reads aside)
+            assert all(abs(n - mine) <= 3 for n in counts), (hook, mine, counts)
         att.check()
 
         # bwplugin's DEL leaves the other tool's clsact and filters, and they keep counting
@@ -203,18 +257,22 @@ def test_foreign_filters_keep_counting_and_the_rate_holds(lab: Lab, foreign_prog
         assert kv.root(veth)["kind"] == "noqueue" and kv.has_clsact(veth)
         assert tool.kinds("ingress") == [(1, "u32"), (FOREIGN_PRIO, "bpf")]
         assert tool.kinds("egress") == [(2, "u32"), (FOREIGN_PRIO, "bpf")]
+        assert link_pins() == []  # bwplugin's links went with its DEL
+        if mode == "tcx":
+            for hook in HOOKS:
+                assert settled_tcx_chain(lab.node, veth, hook) == [f"foreign_tcx_{hook}"]
         before = tool.seen()
         lab.run(pod.netns, "ping", "-c", "5", "-i", "0.05", "-W", "1", peer.ip)
         after = tool.seen()
         for hook in HOOKS:
-            assert after[hook][0] - before[hook][0] >= 5 and after[hook][1] - before[hook][1] >= 5, (hook, after)
+            assert all(a - b >= 5 for a, b in zip(after[hook], before[hook], strict=True)), (hook, after)
     finally:
         for tool in tools:
             tool.remove()
 
 
 def test_check_fails_on_a_filter_that_can_take_the_pods_packets(lab: Lab, foreign_prog: ForeignProgram) -> None:
-    conflist = lab.conflist(shaper())
+    conflist = lab.conflist(shaper(tcAttach="tc"))
     peer, pod = lab.pod("peer"), lab.pod("a")
     lab.attach(peer, conflist)
     att = lab.attach(pod, conflist, bandwidth(egress=RATE))
@@ -269,3 +327,26 @@ def test_an_ingress_qdisc_cannot_be_shared_and_nothing_is_left(lab: Lab) -> None
     kv = view(lab.node)
     assert settled_ifbs(lab.node) == [] and kv.root(veths[0])["kind"] == "noqueue"
     assert [q["kind"] for q in kv.qdiscs[veths[0]] if q["parent"] == 0xFFFFFFF1] == ["ingress"]  # theirs, untouched
+
+
+def test_check_fails_on_a_tcx_program_ahead_of_ours(lab: Lab, foreign_prog: ForeignProgram) -> None:
+    """A TCX program attached in front of bwplugin's runs before the pod's packets
+    are counted and classified, and could take them: CHECK says so (102)."""
+    if not kernel_has_tcx():
+        pytest.skip("this kernel has no TCX")
+    pod = lab.pod("a")
+    att = lab.attach(pod, lab.conflist(shaper(tcAttach="tcx")), bandwidth(ingress=RATE, egress=RATE))
+    veth = host_veth(pod, att.result)
+    att.check()
+    link = tcx_attach(lab.node, veth, foreign_prog, "egress", bpf.BPF_F_BEFORE)
+    try:
+        assert tcx_chain(lab.node, veth, "egress") == ["foreign_tcx_egress", "bwp_tcx_to_pod"]
+        with pytest.raises(PluginFailed) as err:
+            att.check()
+        assert err.value.error and err.value.error["code"] == 102, err.value
+        msg = err.value.error["msg"]
+        assert f"TCX egress hook of {veth}: expected bwplugin's bwp_tcx_to_pod (prog id" in msg
+        assert "found prog id" in msg and "(foreign_tcx_egr) before it" in msg
+    finally:
+        link.unlink()
+    att.check()

@@ -25,6 +25,8 @@ import pytest
 from bench.lab.containerd import Containerd, Sandbox
 from bench.lab.measure import TCP_GOODPUT_CEILING
 
+from .oracle import link_pins
+
 pytestmark = pytest.mark.kernel
 
 M = 1_000_000
@@ -115,8 +117,9 @@ def test_unannotated_pod_is_untouched_and_one_annotation_shapes_one_direction(ct
 def assert_nothing_left(c: Containerd) -> None:
     assert set(node_links(c)) == {"lo"}, node_links(c)  # no veth, no ifb
     assert [q["kind"] for q in qdiscs(c, "lo")] == ["noqueue"]
-    for name in ("attach_v3", "subnets_v3", "pods_v3", "shaping_v3"):
+    for name in ("attach_v3", "subnets_v3", "pods_v3", "shaping_v3", "tcx_v3"):
         assert map_entries(c, name) == [], name
+    assert link_pins(str(c.pins)) == []
     assert c.cri is not None and c.cri.list_pods() == []
     netns_dir = c.dir / "state" / "io.containerd.grpc.v1.cri" / "netns"
     assert not netns_dir.exists() or list(netns_dir.iterdir()) == []

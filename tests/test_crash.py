@@ -9,10 +9,10 @@ from bench.lab.lab import Lab
 from bench.lab.libcni import PluginFailed
 
 from .conftest import bandwidth, shaper
-from .oracle import settled_ifbs, view
+from .oracle import attach_count, link_pins, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
-POINTS = ["after-ingress", "after-ifb-create", "after-ifb", "after-map", "after-clsact", "after-filter"]
+POINTS = ["after-ingress", "after-ifb-create", "after-ifb", "after-map", "after-clsact", "after-tcx", "after-filter"]
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -30,5 +30,6 @@ def test_add_killed_then_del_cleans_and_retry_completes(point: str) -> None:
         assert settled_ifbs(lab.node) == []
         kv = view(lab.node)
         assert not any(kv.has_clsact(n) or kv.tbf(n) for n in kv.links)
+        assert (link_pins(), attach_count()) == ([], 0)  # no TCX link, map entry or claim
         att = lab.attach(pod, conflist, rc)  # the retry
         att.check()

@@ -17,10 +17,11 @@ from bwplugin.datapath.naming import ifb_name, parse_alias
 from bwplugin.datapath.tc import TBF_HANDLE
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import settled_ifbs, view
+from .oracle import kernel_has_tcx, link_pins, settled_ifbs, tcx_chain, view
 
 pytestmark = pytest.mark.kernel
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+TCX = kernel_has_tcx()  # tcAttach "auto" then counts with TCX links
 
 
 def shaper_conf(pod: Pod, command_result: bool = True) -> dict:
@@ -48,6 +49,7 @@ def attach_id_of(lab: Lab, pod: Pod) -> int:
 
 def assert_clean(lab: Lab, veth: str | None = None) -> None:
     assert settled_ifbs(lab.node) == []
+    assert link_pins() == []
     kv = view(lab.node)
     if veth and veth in kv.links:
         assert kv.tbf(veth) is None
@@ -79,15 +81,23 @@ def test_add_check_del_every_version(lab: Lab, version: str) -> None:
     egress = kv.tbf(ifb)
     assert egress and egress["rate"] == 2_500_000
     assert kv.has_clsact(veth)
-    # counting first on both hooks (prio 0xb0d), the redirect last (0xfb0d): other
-    # tools' filters in between see the pod's packets; all direct action
-    count, flt = kv.filters[veth]
-    assert (count["prio"], flt["prio"]) == (0xB0D, 0xFB0D)
-    assert count["name"].startswith("bwplugin:bwp_count_from_pod_") and count["flags"] == 1
-    assert flt["name"].startswith("bwplugin:bwp_from_pod_") and flt["flags"] == 1
-    (out_flt,) = kv.out_filters[veth]
-    assert out_flt["name"].startswith("bwplugin:bwp_to_pod_") and out_flt["prio"] == 0xB0D
-    assert out_flt["classid"] == flt["classid"] == count["classid"]
+    # counting first on both hooks, the redirect last (cls_bpf prio 0xfb0d): other
+    # tools' filters in between see the pod's packets; all direct action. On a
+    # kernel with TCX, links count, ahead of every clsact filter
+    if TCX:
+        (flt,) = kv.filters[veth]
+        assert veth not in kv.out_filters
+        chains = {hook: tcx_chain(lab.node, veth, hook) for hook in ("ingress", "egress")}
+        assert chains == {"ingress": ["bwp_tcx_from_pod"], "egress": ["bwp_tcx_to_pod"]}
+        assert len(link_pins()) == 2
+    else:
+        count, flt = kv.filters[veth]
+        assert count["name"].startswith("bwplugin:bwp_count_from_pod_") and count["flags"] == 1
+        assert count["prio"] == 0xB0D and count["classid"] == flt["classid"]
+        (out_flt,) = kv.out_filters[veth]
+        assert out_flt["name"].startswith("bwplugin:bwp_to_pod_") and out_flt["prio"] == 0xB0D
+        assert out_flt["classid"] == flt["classid"]
+    assert flt["name"].startswith("bwplugin:bwp_from_pod_") and flt["flags"] == 1 and flt["prio"] == 0xFB0D
     label = parse_alias(kv.links[ifb]["alias"])
     assert label and label.attach_id == flt["classid"] and label.host_index == kv.links[veth]["index"]
     fd = bpf.open_map()
@@ -136,11 +146,11 @@ def test_runtime_config_used_without_static(lab: Lab) -> None:
     assert kv.tbf(veth)["rate"] == 1_250_000
     assert kv.ifbs() == []
     # the pod's egress is only counted: its redirect filter has no ifb to redirect to
-    _count, flt = kv.filters[veth]
+    flt = kv.filters[veth][-1]
     fd = bpf.open_map()
     entry = bpf.attach_get(fd, flt["classid"])
     os.close(fd)
-    assert entry and entry.ifb_index == 0 and entry.flags == bpf.F_INGRESS_SHAPED
+    assert entry and entry.ifb_index == 0 and entry.flags == bpf.F_INGRESS_SHAPED | bpf.F_COUNTING
 
 
 def test_egress_only(lab: Lab) -> None:
@@ -229,10 +239,12 @@ def test_del_after_netns_is_gone(lab: Lab) -> None:
     attach_id = attach_id_of(lab, pod)
     conf = shaper_conf(pod)
     subprocess.run(["ip", "netns", "del", pod.name], check=True)  # veth pair dies with it
+    assert len(link_pins()) == (2 if TCX else 0)  # defunct links: their device is gone, their pins are not
     inv = lab.exec_shaper("DEL", pod, conf)
     assert inv.rc == 0, inv.stdout
     assert settled_ifbs(lab.node) == []
     assert attach_id not in map_ids()
+    assert link_pins() == []
 
 
 def test_del_with_invalid_bandwidth_config_still_cleans(lab: Lab) -> None:
@@ -312,7 +324,8 @@ def test_check_detects_unexpected_shaping(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize(
-    "point", ["after-ingress", "after-ifb-create", "after-ifb", "after-map", "after-clsact", "after-filter"]
+    "point",
+    ["after-ingress", "after-ifb-create", "after-ifb", "after-map", "after-clsact", "after-tcx", "after-filter"],
 )
 def test_add_failure_rolls_back(lab: Lab, point: str) -> None:
     pod = lab.pod("a")
@@ -428,6 +441,9 @@ def test_gc_removes_only_stale_attachments_of_this_network(lab: Lab) -> None:
     assert kv.ifbs() == [a.attachment.result["interfaces"][-1]["name"]]
     assert kv.tbf(b_veth) is None and not kv.has_clsact(b_veth)
     assert b_id not in map_ids()
+    assert len(link_pins()) == (2 if TCX else 0)  # a's links only
+    if TCX:
+        assert tcx_chain(lab.node, b_veth, "ingress") == tcx_chain(lab.node, b_veth, "egress") == []
     a.attachment.check()
 
 

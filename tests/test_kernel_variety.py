@@ -22,7 +22,7 @@ from bwplugin.datapath import bpf, probe, tc
 from bwplugin.datapath.netlink import Netlink
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import filter_actions, settled_ifbs, view
+from .oracle import filter_actions, kernel_has_tcx, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 RATE = 10_000_000
@@ -36,7 +36,7 @@ def programs(lab: Lab) -> Iterator[bpf.Programs]:
 
 
 def test_forced_mirred_fallback_shapes_checks_and_cleans(lab: Lab) -> None:
-    conflist = lab.conflist(shaper(egressRedirect="mirred"))
+    conflist = lab.conflist(shaper(egressRedirect="mirred", tcAttach="tc"))  # a kernel before 6.4 has no TCX
     peer, pod = lab.pod("peer"), lab.pod("a")
     lab.attach(peer, conflist)
     att = lab.attach(pod, conflist, bandwidth(ingress=RATE, egress=RATE))
@@ -66,6 +66,14 @@ def test_forced_mirred_fallback_shapes_checks_and_cleans(lab: Lab) -> None:
     assert settled_ifbs(lab.node) == []
     kv = view(lab.node)
     assert not kv.has_clsact(veth) and kv.root(veth)["kind"] == "noqueue"
+
+
+def test_tcx_probe_agrees_with_the_kernels_symbols(lab: Lab, programs: bpf.Programs) -> None:
+    """The TCX probe attaches a real link and sends frames through it; the running
+    kernel's symbol table says independently whether it has TCX at all."""
+    assert probe.tcx_passes_on(programs) == kernel_has_tcx()
+    assert probe.attach_mode(programs, "auto") == ("tcx" if kernel_has_tcx() else "tc")
+    assert probe.attach_mode(programs, "tc") == "tc" and probe.attach_mode(programs, "tcx") == "tcx"
 
 
 def test_redirect_probe_detects_this_kernel_and_has_a_negative_control(lab: Lab, programs: bpf.Programs) -> None:

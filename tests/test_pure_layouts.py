@@ -35,6 +35,8 @@ def test_attach_entry_round_trips_and_matches_the_c_struct():
         "F_INGRESS_SHAPED": bpf.F_INGRESS_SHAPED,
         "F_SUBNETS": bpf.F_SUBNETS,
         "F_LISTED_UNSHAPED": bpf.F_LISTED_UNSHAPED,
+        "F_COUNT_TO_POD": bpf.F_COUNT_TO_POD,
+        "F_COUNT_FROM_POD": bpf.F_COUNT_FROM_POD,
     }
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bwplugin.datapath import bpf, tc
+from bwplugin.datapath import bpf, tc, tcx
 from bwplugin.datapath.netlink import Netlink
 from bwplugin.node.install import install
 
@@ -220,7 +220,25 @@ class Lab:
                             carried |= {f.classid for f in tc.our_filters(nl, link.index).values()}
             for attach_id, entry in bpf.attach_entries(fd).items():
                 if attach_id in carried or entry.container_id.startswith(f"{PREFIX}-{self.tag}-"):
+                    tcx.detach(entry.owner)  # its pinned TCX links, if any
                     bpf.release(fd, lpm, attach_id)
+            # records and claims of entries that tests removed by hand (to stage a state)
+            live = set(bpf.attach_entries(fd))
+            for rec_fd, size in ((bpf.open_pods(), bpf.POD_VAL.size), (bpf.open_shaping(), bpf.SHAPING_VAL.size)):
+                if rec_fd is None:
+                    continue
+                try:
+                    for key, _ in bpf.map_items(rec_fd, bpf.KEY.size, size):
+                        if bpf.KEY.unpack(key)[0] not in live:
+                            bpf.map_delete(rec_fd, key)
+                finally:
+                    bpf.close_fds(rec_fd)
+            tcx_fd = bpf.open_tcx()
+            if tcx_fd is not None:
+                try:
+                    bpf.tcx_drop_stale(tcx_fd, fd)
+                finally:
+                    bpf.close_fds(tcx_fd)
         finally:
             bpf.close_fds(fd, lpm)
 

@@ -32,6 +32,7 @@ DEFAULT_MAX_BURST_MS = 10.0
 SUBNET_KEYS = ("shapedSubnets", "unshapedSubnets")
 MAX_SUBNETS = 64  # per attachment
 REDIRECT_MODES = ("auto", "bpf", "mirred")
+ATTACH_MODES = ("auto", "tcx", "tc")
 
 # CNI_ARGS keys a runtime sends for Kubernetes pods (containerd, CRI-O, multus)
 POD_ARGS = ("K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID", "K8S_POD_INFRA_CONTAINER_ID")
@@ -100,6 +101,7 @@ class Policy:
     latency_ms: float = DEFAULT_LATENCY_MS
     max_burst_ms: float = DEFAULT_MAX_BURST_MS  # 0 disables the cap
     egress_redirect: str = "auto"  # "auto" (probe the kernel), "bpf" or "mirred"
+    tc_attach: str = "auto"  # counting programs on TCX links ("tcx", Linux 6.6+) or cls_bpf ("tc"); auto: probe
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,14 @@ def parse_policy(doc: Mapping[str, Any]) -> Policy:
         latency_ms=_number_field("latencyMs", get(doc, "latencyMs", DEFAULT_LATENCY_MS), 1, 10_000),
         max_burst_ms=_number_field("maxBurstMs", get(doc, "maxBurstMs", DEFAULT_MAX_BURST_MS), 0, 60_000),
         egress_redirect=mode,
+        tc_attach=_choice("tcAttach", get(doc, "tcAttach", "auto"), ATTACH_MODES),
     )
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise InvalidConfigError(f"{name}={value!r} must be one of {', '.join(allowed)}")
+    return str(value)
 
 
 def parse_subnets(doc: Mapping[str, Any]) -> Subnets | None:

@@ -10,7 +10,7 @@ from ..cni.config import Direction, Env, NetConf, Policy, Subnets
 from ..cni.errors import ForeignObjectError, InvalidConfigError, KernelFeatureError
 from ..cni.protocol import convert_result, with_interface
 from ..cni.settings import log
-from ..datapath import bpf, probe, tc
+from ..datapath import bpf, probe, tc, tcx
 from ..datapath.naming import IfbLabel, format_alias, ifb_name, network_tag
 from ..datapath.netlink import Link, Netlink, NetlinkError
 from ..datapath.shaping import NS_PER_TICK, U32_MAX, TBFParams, tbf_params
@@ -74,34 +74,54 @@ def cmd_add(env: Env, conf: NetConf) -> dict[str, Any]:
 
 def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, shared: bool, undo: Undo) -> Link | None:
     """Everything that shapes the pod, built so that no packet is steered until the
-    last step (the redirect filter); each step registers its undo."""
+    redirect, the last object, and each direction is counted from the moment it is
+    shaped; each step registers its undo."""
     bw = conf.bandwidth
     progs = bpf.programs()
     undo.push(progs.close)  # on failure: after the steps below that still need its fds
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
     attach_id = _add_entry(progs, env, conf, host, undo)
-    bpf.shaping_set(progs.shaping_fd, attach_id, shaping_entry(conf, host, shared))
+    use_tcx = probe.attach_mode(progs, conf.policy.tc_attach) == "tcx"
+    if use_tcx and not bpf.tcx_claim(progs.tcx_fd, host.index, attach_id):
+        log(f"ifindex {host.index} ({host.name}) is held by another live attachment: counting with cls_bpf")
+        use_tcx = False  # bpf.release (the entry's undo) drops a claim that was made
+    bpf.shaping_set(progs.shaping_fd, attach_id, shaping_entry(conf, host, shared, use_tcx))
+    owner = owner_of(conf, env)
+    if use_tcx:
+        undo.push(lambda: tcx.detach(owner))
+
+    # the counting programs go first (TCX links, or cls_bpf filters first on their
+    # hooks) but count nothing until what they count for is in place: the root
+    # qdisc to the pod, the redirect from it (a flag each). Counters and queues
+    # then see the same packets, however long the steps between take.
+    if not shared:
+        _add_clsact(nl, host.index, undo)
+    if use_tcx:
+        for side in ("egress", "ingress"):
+            tcx.attach(progs, host.index, owner, side)
+    else:
+        _add_filter(nl, host.index, tc.CLSACT_EGRESS, tc.FRONT_PRIO, progs, "bwp_to_pod", attach_id, None, undo)
+        _add_filter(
+            nl, host.index, tc.CLSACT_INGRESS, tc.FRONT_PRIO, progs, "bwp_count_from_pod", attach_id, None, undo
+        )
     if bw.ingress:
         add_root(nl, host.index, "ingress", bw.ingress, conf.policy, conf.subnets, host, undo)
+    flags = entry_flags(conf) & ~bpf.F_COUNT_FROM_POD
+    bpf.attach_update(progs.map_fd, attach_id, flags=flags)
     ifb = None
     if bw.egress:
         label = IfbLabel(network_tag(conf.name), attach_id, host.index, env.ifname, env.container_id)
         ifb = add_ifb(nl, ifb_name(conf.name, env.container_id, env.ifname), label, host.mtu, undo)
         bpf.attach_update(progs.map_fd, attach_id, ifb_index=ifb.index)
         add_root(nl, ifb.index, "egress", bw.egress, conf.policy, conf.subnets, host, undo)
-    if not shared:
-        _add_clsact(nl, host.index, undo)
-    # counting first on both hooks; the redirect last, and always there (it passes
-    # packets on while egress is unshaped), so that a live change only writes the map
+    # the redirect, last on its hook, comes once the ifb and its qdisc are ready,
+    # and always (it passes packets on while egress is unshaped), so that a live
+    # change only writes the map
     redirect, mirred_to = "bwp_from_pod", None
     if ifb is not None and mode == "mirred":
         redirect, mirred_to = "bwp_from_pod_mirred", ifb.index
-    for hook, prog, prio, to in (
-        (tc.CLSACT_EGRESS, "bwp_to_pod", tc.FRONT_PRIO, None),
-        (tc.CLSACT_INGRESS, "bwp_count_from_pod", tc.FRONT_PRIO, None),
-        (tc.CLSACT_INGRESS, redirect, tc.TAIL_PRIO, mirred_to),
-    ):
-        _add_filter(nl, host.index, hook, prio, progs, prog, attach_id, to, undo)
+    _add_filter(nl, host.index, tc.CLSACT_INGRESS, tc.TAIL_PRIO, progs, redirect, attach_id, mirred_to, undo)
+    bpf.attach_update(progs.map_fd, attach_id, flags=flags | bpf.F_COUNT_FROM_POD)
     progs.close()  # the filters hold the programs now; a long-lived agent must not keep fds
     return ifb
 
@@ -120,7 +140,7 @@ def _add_entry(progs: bpf.Programs, env: Env, conf: NetConf, host: HostVeth, und
     """The attachment's map entry (its id is allocated by the insert), its subnet
     prefixes and its pod; returns the id."""
     entry = bpf.AttachEntry(
-        0, host.index, entry_flags(conf), owner_of(conf, env), bpf.network_hash(conf.name),
+        0, host.index, entry_flags(conf) & ~bpf.F_COUNTING, owner_of(conf, env), bpf.network_hash(conf.name),
         env.ifname, env.container_id,
     )  # fmt: skip
     attach_id = bpf.attach_new(progs.map_fd, entry)

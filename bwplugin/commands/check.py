@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..cni.config import Direction, Env, NetConf
 from ..cni.errors import CheckMismatchError, IncompatibleVersionError, InvalidConfigError
 from ..cni.protocol import version_at_least
-from ..datapath import bpf, probe, tc
+from ..datapath import bpf, probe, tc, tcx
 from ..datapath.naming import ifb_name
 from ..datapath.netlink import Link, Netlink
 from ..datapath.shaping import htb_leaf_limit, tbf_params
@@ -131,11 +131,13 @@ def _check_steering(
     try:
         mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if conf.bandwidth.egress else "bpf"
         mirred_to = ifb.index if ifb is not None and mode == "mirred" else None
-        want = {
-            (tc.CLSACT_EGRESS, tc.FRONT_PRIO): ("bwp_to_pod", None),
-            (tc.CLSACT_INGRESS, tc.FRONT_PRIO): ("bwp_count_from_pod", None),
-            (tc.CLSACT_INGRESS, tc.TAIL_PRIO): ("bwp_from_pod_mirred" if mirred_to else "bwp_from_pod", mirred_to),
-        }
+        tail = filters.get((tc.CLSACT_INGRESS, tc.TAIL_PRIO))
+        record = bpf.shaping_get(progs.shaping_fd, tail.classid) if tail is not None else None
+        on_tcx = record is not None and bool(record.flags & bpf.S_TCX)  # how ADD counted
+        want = {(tc.CLSACT_INGRESS, tc.TAIL_PRIO): ("bwp_from_pod_mirred" if mirred_to else "bwp_from_pod", mirred_to)}
+        if not on_tcx:
+            want[(tc.CLSACT_EGRESS, tc.FRONT_PRIO)] = ("bwp_to_pod", None)
+            want[(tc.CLSACT_INGRESS, tc.FRONT_PRIO)] = ("bwp_count_from_pod", None)
         ids = set()
         for (hook, prio), (prog, target) in want.items():
             flt = filters.get((hook, prio))
@@ -153,7 +155,11 @@ def _check_steering(
             if flt.mirred_ifindex != target:
                 problems.append(f"{where}: redirects to ifindex {flt.mirred_ifindex}, expected {target}")
         for hook in HOOK_NAMES:
-            _check_order(problems, host, hook, tc.hook_filters(nl, host.index, hook))
+            _check_order(problems, host, hook, tc.hook_filters(nl, host.index, hook), counted=on_tcx)
+        if on_tcx:
+            _check_tcx(problems, progs, owner_of(conf, env), host)
+        elif tcx.pinned(owner_of(conf, env)):
+            problems.append(f"TCX links of {host.name}: present, but this attachment counts with cls_bpf filters")
         if len(ids) != 1:
             if len(ids) > 1:
                 problems.append(f"filters on {host.name}: carry different attachment ids {sorted(ids)}")
@@ -163,29 +169,63 @@ def _check_steering(
         progs.close()
 
 
-def _check_order(problems: list[str], host: HostVeth, hook: int, chain: list[tc.HookFilter]) -> None:
+def _check_order(
+    problems: list[str], host: HostVeth, hook: int, chain: list[tc.HookFilter], counted: bool = False
+) -> None:
     """Other tools' filters may share the hooks, but not so that the pod's packets
     can miss the shaper. Before our counting filter only filters that provably
     continue are safe (anything else may end classification, drop or redirect,
     and we would never see the packet); between it and our redirect, one that
-    certainly ends classification lets the pod's traffic out unshaped."""
+    certainly ends classification lets the pod's traffic out unshaped.
+    counted: a TCX link counts, before any clsact filter runs."""
     where = f"{HOOK_NAMES[hook]} hook of {host.name}"
     ours = [i for i, f in enumerate(chain) if f.ours]
     if not ours:
         return  # reported as missing filters
-    for f in chain[: ours[0]]:
+    for f in [] if counted else chain[: ours[0]]:
         if f.verdict != "continue":
             problems.append(
                 f"{where}: expected bwplugin's counting filter (prio {tc.FRONT_PRIO:#x}) before any filter that can "
                 f"take the pod's packets, found {f.describe()} before it"
             )
-    if hook == tc.CLSACT_INGRESS and len(ours) > 1:
-        for f in chain[ours[0] + 1 : ours[-1]]:
+    if hook == tc.CLSACT_INGRESS:
+        for f in chain[0 if counted else ours[0] + 1 : ours[-1]]:
             if f.verdict == "ends":
                 problems.append(
                     f"{where}: expected the pod's packets to reach bwplugin's redirect (prio {tc.TAIL_PRIO:#x}), "
                     f"found {f.describe()} before it: they would leave unshaped"
                 )
+
+
+def _check_tcx(problems: list[str], progs: bpf.Programs, owner: int, host: HostVeth) -> None:
+    """Our links exist, hold our programs on this veth, and run first on each TCX
+    hook: a program in front of ours could take the pod's packets before they are
+    counted and classified."""
+    links = tcx.pinned(owner)
+    for hook, prog in tcx.PROGRAM.items():
+        where = f"TCX {hook} link on {host.name}"
+        link = links.get(hook)
+        if link is None or link.info is None:
+            problems.append(f"{where}: missing (expected pinned at {tcx.pin_path(owner, hook)})")
+            continue
+        info = link.info
+        if info.type != bpf.BPF_LINK_TYPE_TCX or info.attach_type != tcx.HOOKS[hook]:
+            problems.append(f"{where}: expected a TCX {hook} link, found link type {info.type}/{info.attach_type}")
+            continue
+        if info.ifindex != host.index:
+            actual = "none (defunct)" if info.ifindex == 0 else f"ifindex {info.ifindex}"
+            problems.append(f"{where}: attached to {actual}, expected ifindex {host.index}")
+            continue
+        name = bpf.prog_name(info.prog_id)
+        if info.prog_id != progs.prog_id(prog) and not prog.startswith(name or "?"):
+            problems.append(f"{where}: runs prog id {info.prog_id} ({name}), expected {prog}")
+        chain = tcx.chain(host.index, hook)
+        if not chain or chain[0] != info.prog_id:
+            first = f"prog id {chain[0]} ({bpf.prog_name(chain[0])})" if chain else "no program"
+            problems.append(
+                f"TCX {hook} hook of {host.name}: expected bwplugin's {prog} (prog id {info.prog_id}) first, "
+                f"found {first} before it"
+            )
 
 
 def _check_entry(

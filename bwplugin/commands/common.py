@@ -76,8 +76,8 @@ def find_host_veth(nl: Netlink, env: Env, result: dict[str, Any] | None) -> Host
 
 
 def entry_flags(conf: NetConf) -> int:
-    """bwp_val.flags for this config (see bpf/bwplugin.c)."""
-    bw, flags = conf.bandwidth, 0
+    """bwp_val.flags for this config, as a finished ADD leaves them (see bpf/bwplugin.c)."""
+    bw, flags = conf.bandwidth, bpf.F_COUNTING
     if bw.egress:
         flags |= bpf.F_EGRESS_SHAPED
     if bw.ingress:
@@ -133,13 +133,13 @@ def _clsact_shared(attach_ids: set[int]) -> bool:
 REDIRECT_FLAGS = {"auto": 0, "bpf": bpf.S_REDIRECT_BPF, "mirred": bpf.S_REDIRECT_MIRRED}
 
 
-def shaping_entry(conf: NetConf, host: HostVeth, shared_clsact: bool = False) -> bpf.ShapingEntry:
+def shaping_entry(conf: NetConf, host: HostVeth, shared_clsact: bool = False, tcx: bool = False) -> bpf.ShapingEntry:
     """What ADD shapes with, recorded for live changes and for CHECK after one."""
     bw = conf.bandwidth
     rates = ((bw.ingress.rate, bw.ingress.burst) if bw.ingress else (0, 0),
              (bw.egress.rate, bw.egress.burst) if bw.egress else (0, 0))  # fmt: skip
     flags = REDIRECT_FLAGS[conf.policy.egress_redirect] | (bpf.S_STATIC if bw.source == "static" else 0)
-    flags |= bpf.S_CLSACT_SHARED if shared_clsact else 0
+    flags |= (bpf.S_CLSACT_SHARED if shared_clsact else 0) | (bpf.S_TCX if tcx else 0)
     return bpf.ShapingEntry(
         add=rates, now=rates,
         subnets_digest=bpf.subnets_digest(conf.subnets.networks if conf.subnets else ()),

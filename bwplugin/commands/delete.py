@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..cni.config import Env, NetConf
 from ..cni.errors import HostInterfaceError, InvalidConfigError, InvalidEnvError
-from ..datapath import bpf, tc
+from ..datapath import bpf, tc, tcx
 from ..datapath.naming import ifb_name, parse_alias
 from ..datapath.netlink import Link, Netlink
 from .common import find_host_veth, owner_of, teardown_host
@@ -15,6 +15,8 @@ from .common import find_host_veth, owner_of, teardown_host
 # Set by the agent: hands an inert ifb to a background thread, because deleting a
 # netdev waits for RCU (15-30 ms) and nothing about the pod depends on it any more.
 ifb_releaser: Callable[[Link], None] | None = None
+# Likewise for TCX links (fds of unpinned links): detaching one waits for RCU too.
+link_releaser: Callable[[list[int]], None] | None = None
 
 
 def cmd_del(env: Env, conf: NetConf) -> None:
@@ -39,9 +41,17 @@ def cmd_del(env: Env, conf: NetConf) -> None:
                 # entry's id. CNI_NETNS alone proves nothing: without prevResult, a reused
                 # /proc/<pid>/ns/net can lead to another pod's veth.
                 teardown_host(nl, entry.host_index, None if entry.host_index == host_index else attach_id)
+            # the links are named by owner: found even with no entry, veth or netns left
+            links = tcx.unpin(owner)
             for attach_id in entries:
                 assert map_fd is not None
-                bpf.release(map_fd, lpm_fd, attach_id)
+                bpf.release(map_fd, lpm_fd, attach_id)  # the links are inert from here on
+            if host_index is not None and map_fd is not None:
+                _drop_stale_claim(map_fd, host_index)
+            if links and link_releaser is not None:
+                link_releaser(links)
+            else:
+                tcx.release(links)
         finally:
             bpf.close_fds(map_fd, lpm_fd)
         if ifb is not None:
@@ -65,3 +75,14 @@ def _ifb_vouches_for(nl: Netlink, ifb: Link | None, host_index: int) -> bool:
     the attachment id, and the veth's filters carry that id: proof without the map."""
     label = parse_alias(ifb.alias) if ifb is not None else None
     return label is not None and label.host_index == host_index and tc.our_classid(nl, host_index) == label.attach_id
+
+
+def _drop_stale_claim(map_fd: int, host_index: int) -> None:
+    """The pod's veth may still be claimed for TCX by an attachment whose entry is
+    gone (removed by hand, or a DEL that died between its steps)."""
+    fd = bpf.open_tcx()
+    if fd is not None:
+        try:
+            bpf.tcx_drop_stale(fd, map_fd, host_index)
+        finally:
+            bpf.close_fds(fd)

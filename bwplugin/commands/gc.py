@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..cni.config import NetConf
 from ..cni.errors import IOFailureError
-from ..datapath import bpf, tc
+from ..datapath import bpf, tc, tcx
 from ..datapath.naming import IFB_PREFIX, ifb_name, network_tag, parse_alias
 from ..datapath.netlink import Link, Netlink
 from .common import teardown_host
@@ -29,10 +29,25 @@ def cmd_gc(conf: NetConf) -> None:
                     continue
                 try:
                     teardown_host(nl, entry.host_index, attach_id)
+                    tcx.detach(entry.owner)
                     _delete_labelled_ifb(nl, entry.ifb_index, attach_id)
                     bpf.release(map_fd, lpm_fd, attach_id)
                 except OSError as exc:
                     failures.append(f"attachment {attach_id} ({entry.container_id}/{entry.ifname}): {exc}")
+            if map_fd is not None:
+                # links whose ADD or DEL died half-way: ADD makes the entry before
+                # its links, so a pin no entry claims is nobody's
+                for owner in tcx.owners_pinned() - {e.owner for e in bpf.attach_entries(map_fd).values()}:
+                    try:
+                        tcx.detach(owner)
+                    except OSError as exc:
+                        failures.append(f"TCX links of owner {owner:016x}: {exc}")
+                tcx_fd = bpf.open_tcx()
+                if tcx_fd is not None:
+                    try:
+                        bpf.tcx_drop_stale(tcx_fd, map_fd)  # ifindex claims of attachments that are gone
+                    finally:
+                        bpf.close_fds(tcx_fd)
         finally:
             bpf.close_fds(map_fd, lpm_fd)
         tag = network_tag(conf.name)

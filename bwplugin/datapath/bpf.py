@@ -32,16 +32,26 @@ BPFFS = "/sys/fs/bpf"
 MAP_LAYOUT = 3  # bump when bwp_val/bwp_lpm_key change; the map pins are versioned by it
 MAX_ATTACH = 65535  # ids are 16-bit: skb->tc_classid is a u16 (qdisc_skb_cb)
 MAX_SUBNETS = 1 << 22  # LPM entries node-wide (allocated on use, not up front)
-PROGRAMS = ("bwp_count_from_pod", "bwp_from_pod", "bwp_from_pod_mirred", "bwp_to_pod")
+PROGRAMS = (
+    "bwp_count_from_pod",
+    "bwp_from_pod",
+    "bwp_from_pod_mirred",
+    "bwp_to_pod",
+    "bwp_tcx_from_pod",
+    "bwp_tcx_to_pod",
+)
 
 # bwp_val.flags (see bpf/bwplugin.c)
 F_EGRESS_SHAPED, F_INGRESS_SHAPED, F_SUBNETS, F_LISTED_UNSHAPED = 1, 2, 4, 8
+F_COUNT_TO_POD, F_COUNT_FROM_POD = 16, 32  # counting is on (ADD sets them once each direction is in place)
+F_COUNTING = F_COUNT_TO_POD | F_COUNT_FROM_POD
 # bwp_shaping.flags: which settings a live change overrides, and what ADD knew
 S_INGRESS_OVERRIDE, S_EGRESS_OVERRIDE, S_SUBNETS_OVERRIDE = 1, 2, 4
 S_STATIC = 8  # ADD's rates came from the conflist's own keys, not from runtimeConfig
 S_REDIRECT_BPF, S_REDIRECT_MIRRED = 16, 32  # egressRedirect forced (neither: auto)
 S_SHAPED_LIST = 64  # under S_SUBNETS_OVERRIDE: the list is shapedSubnets
 S_CLSACT_SHARED = 128  # the veth's clsact was there before ADD (another tool's): never ours to delete
+S_TCX = 256  # counted by TCX links (bwp_tcx_*), not by cls_bpf filters
 S_OVERRIDES = S_INGRESS_OVERRIDE | S_EGRESS_OVERRIDE | S_SUBNETS_OVERRIDE
 INGRESS, EGRESS = 0, 1  # bwp_shaping's array indices
 
@@ -95,6 +105,10 @@ def libbpf() -> ctypes.CDLL:
             "bpf_map_delete_elem",
             "bpf_map_get_next_key",
             "bpf_map_lookup_batch",
+            "bpf_link_create",
+            "bpf_link_detach",
+            "bpf_prog_query",
+            "bpf_prog_get_fd_by_id",
         ):
             getattr(lib, name).restype = ctypes.c_int
         lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
@@ -123,6 +137,120 @@ def obj_id(fd: int) -> int:
     size = ctypes.c_uint32(256)
     _check(libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)))
     return int(struct.unpack_from("=I", info.raw, 4)[0])
+
+
+# ---------------------------------------------------------------- TCX links (Linux 6.6+)
+
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47  # enum bpf_attach_type
+BPF_LINK_TYPE_TCX = 11
+BPF_F_BEFORE = 1 << 3  # with no relative program: in front of every other
+
+
+class _LinkCreateOpts(ctypes.Structure):
+    # the head of libbpf's struct bpf_link_create_opts: sz, flags (the rest stays 0,
+    # so libbpf 1.1, which predates TCX, passes the attach type and flags through)
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+def link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int) -> int:
+    opts = _LinkCreateOpts(ctypes.sizeof(_LinkCreateOpts), flags, 0)
+    return _check(libbpf().bpf_link_create(prog_fd, ifindex, attach_type, ctypes.byref(opts)))
+
+
+def link_detach(fd: int) -> None:
+    _check(libbpf().bpf_link_detach(fd))
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+    ifindex: int  # 0: defunct (its device is gone)
+    attach_type: int
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = ctypes.create_string_buffer(256)
+    size = ctypes.c_uint32(256)
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)))
+    kind, link_id, prog_id = struct.unpack_from("=III", info.raw, 0)
+    ifindex, attach_type = struct.unpack_from("=II", info.raw, 16)  # the union is 8-byte aligned
+    return LinkInfo(kind, link_id, prog_id, ifindex, attach_type)
+
+
+def prog_query(ifindex: int, attach_type: int) -> list[int]:
+    """The ids of the programs on a TCX hook, in the order they run."""
+    ids = (ctypes.c_uint32 * 64)()
+    count, flags = ctypes.c_uint32(64), ctypes.c_uint32(0)
+    _check(libbpf().bpf_prog_query(ifindex, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)))
+    return list(ids[: count.value])
+
+
+def prog_name(prog_id: int) -> str:
+    """A program's name (bpf_prog_info.name, 16 bytes at offset 64), or "?"."""
+    try:
+        fd = _check(libbpf().bpf_prog_get_fd_by_id(prog_id))
+    except OSError:
+        return "?"
+    try:
+        info = ctypes.create_string_buffer(256)
+        size = ctypes.c_uint32(256)
+        _check(libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)))
+        return info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def tcx_claim(fd: int, ifindex: int, attach_id: int) -> bool:
+    """Point the TCX programs on this ifindex at the attachment; False if another
+    live attachment holds the ifindex (a veth of that index in another netns)."""
+    key = KEY.pack(ifindex)
+    old = map_lookup(fd, key, KEY.size)
+    if old is not None:
+        holder = KEY.unpack(old)[0]
+        amap = open_map()
+        try:
+            entry = attach_get(amap, holder) if amap is not None else None
+        finally:
+            close_fds(amap)
+        if entry is not None and holder != attach_id:
+            return False
+        map_delete(fd, key)  # a stale claim: its attachment is gone
+    try:
+        map_update(fd, key, KEY.pack(attach_id), BPF_NOEXIST)
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            return False  # a concurrent ADD on the same ifindex won
+        raise
+    return True
+
+
+def tcx_release(fd: int, ifindex: int, attach_id: int) -> None:
+    """Drop the ifindex's claim, only if it is this attachment's."""
+    raw = map_lookup(fd, KEY.pack(ifindex), KEY.size)
+    if raw is not None and KEY.unpack(raw)[0] == attach_id:
+        map_delete(fd, KEY.pack(ifindex))
+
+
+def tcx_claims(fd: int) -> dict[int, int]:
+    return {KEY.unpack(k)[0]: KEY.unpack(v)[0] for k, v in map_items(fd, KEY.size, KEY.size)}
+
+
+def tcx_drop_stale(fd: int, map_fd: int, ifindex: int | None = None) -> int:
+    """Drop claims whose attachment is gone (its entry deleted by hand, a DEL that
+    died half-way): of one ifindex, or (None) of all. Returns how many."""
+    if ifindex is None:
+        claims = tcx_claims(fd)
+    else:
+        raw = map_lookup(fd, KEY.pack(ifindex), KEY.size)
+        claims = {ifindex: KEY.unpack(raw)[0]} if raw is not None else {}
+    dropped = 0
+    for index, attach_id in claims.items():
+        entry = attach_get(map_fd, attach_id)
+        if entry is None or entry.host_index != index:
+            dropped += map_delete(fd, KEY.pack(index))
+    return dropped
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
@@ -302,6 +430,12 @@ def release(map_fd: int, lpm_fd: int | None, attach_id: int) -> None:
                 map_delete(fd, attach_key(attach_id))
             finally:
                 close_fds(fd)
+    tcx_fd = open_tcx()
+    if tcx_fd is not None:
+        try:
+            tcx_release(tcx_fd, entry.host_index, attach_id)
+        finally:
+            close_fds(tcx_fd)
     map_delete(map_fd, attach_key(attach_id))
 
 
@@ -433,6 +567,7 @@ class Programs:
     pods_fd: int
     shaping_fd: int
     version: str  # digest of source + layout: part of every pin and filter name
+    tcx_fd: int = -1  # the ifindex -> attachment id map of the TCX programs
 
     def fd(self, name: str) -> int:
         return self.fds[name]
@@ -445,7 +580,7 @@ class Programs:
         return obj_id(self.fds[name])
 
     def close(self) -> None:
-        for fd in (*self.fds.values(), self.map_fd, self.lpm_fd, self.pods_fd, self.shaping_fd):
+        for fd in (*self.fds.values(), self.map_fd, self.lpm_fd, self.pods_fd, self.shaping_fd, self.tcx_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -464,6 +599,10 @@ def pods_path() -> Path:
 
 def shaping_path() -> Path:
     return pin_dir() / f"shaping_v{MAP_LAYOUT}"
+
+
+def tcx_path() -> Path:
+    return pin_dir() / f"tcx_v{MAP_LAYOUT}"
 
 
 _DIGESTS: dict[tuple[Path, float], str] = {}
@@ -495,15 +634,18 @@ def open_pinned() -> Programs | None:
     try:
         for name in PROGRAMS:
             fds[name] = obj_get(prog_path(name, ver))
-        maps = (("map", map_path()), ("lpm", lpm_path()), ("pods", pods_path()), ("shaping", shaping_path()))
+        maps = (
+            ("map", map_path()), ("lpm", lpm_path()), ("pods", pods_path()), ("shaping", shaping_path()),
+            ("tcx", tcx_path()),
+        )  # fmt: skip
         for name, path in maps:
             fds[name] = obj_get(path)
     except OSError:
         for fd in fds.values():
             os.close(fd)
         return None
-    map_fd, lpm_fd, pods_fd, shaping_fd = (fds.pop(name) for name, _path in maps)  # fds: programs only
-    return Programs(fds, map_fd, lpm_fd, pods_fd, shaping_fd, ver)
+    map_fd, lpm_fd, pods_fd, shaping_fd, tcx_fd = (fds.pop(name) for name, _path in maps)  # fds: programs only
+    return Programs(fds, map_fd, lpm_fd, pods_fd, shaping_fd, ver, tcx_fd)
 
 
 def close_fds(*fds: int | None) -> None:
@@ -535,6 +677,10 @@ def open_pods() -> int | None:
 
 def open_shaping() -> int | None:
     return _open_pin(shaping_path())
+
+
+def open_tcx() -> int | None:
+    return _open_pin(tcx_path())
 
 
 def programs() -> Programs:
@@ -625,6 +771,7 @@ def compile_and_pin(src: str, pins: str) -> None:
         f'-DBWP_LPM_PIN="{pdir}/subnets_v{MAP_LAYOUT}"',
         f'-DBWP_POD_PIN="{pdir}/pods_v{MAP_LAYOUT}"',
         f'-DBWP_SHAPING_PIN="{pdir}/shaping_v{MAP_LAYOUT}"',
+        f'-DBWP_TCX_PIN="{pdir}/tcx_v{MAP_LAYOUT}"',
         f"-DBWP_MAX_ATTACH={MAX_ATTACH}",
         f"-DBWP_MAX_SUBNETS={MAX_SUBNETS}",
         "-w",

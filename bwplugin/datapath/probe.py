@@ -137,22 +137,31 @@ def redirect_honoured(progs: bpf.Programs, program: str = "bwp_from_pod") -> boo
         try:
             tc.add_clsact(nl, dst.index)
             tc.add_bpf_filter(nl, dst.index, tc.CLSACT_INGRESS, progs.fd(program), "bwplugin:probe", 0)
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
-                sock.bind(("bwplprobe1", 0))
-                frame = b"\xff" * 6 + bytes.fromhex("02b0d0000001") + b"\x88\xb5" + b"bwplugin probe".ljust(46, b"\0")
-                for _ in range(3):
-                    sock.send(frame)
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline:
-                now = nl.link(index=ifb.index)
-                if now is not None and now.tx_packets > 0:
-                    return True
-                time.sleep(0.01)
-            return False
+            return _frames_seen(nl, ifb.index, 1)
         finally:
             bpf.map_delete(progs.map_fd, bpf.attach_key(0))
 
     return in_fresh_netns(run)
+
+
+PROBE_FRAMES = 3
+
+
+def _frames_seen(nl: Netlink, index: int, want: int) -> bool:
+    """Send PROBE_FRAMES frames out of bwplprobe1; did `index` transmit `want` of them
+    within a second? (A local experimental ethertype: nothing else answers it.)"""
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind(("bwplprobe1", 0))
+        frame = b"\xff" * 6 + bytes.fromhex("02b0d0000001") + b"\x88\xb5" + b"bwplugin probe".ljust(46, b"\0")
+        for _ in range(PROBE_FRAMES):
+            sock.send(frame)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        now = nl.link(index=index)
+        if now is not None and now.tx_packets >= want:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def missing_kinds_cached(kinds: tuple[str, ...], progs: bpf.Programs | None) -> list[str]:
@@ -182,33 +191,76 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _cached_mode(cache: Path, key: str) -> str | None:
+def _cached_mode(cache: Path, key: str, modes: tuple[str, ...]) -> str | None:
     try:
         cached_key, _, mode = cache.read_text().rpartition(" ")
     except OSError:
         return None
-    return mode if cached_key == key and mode in ("bpf", "mirred") else None
+    return mode if cached_key == key and mode in modes else None
 
 
-def redirect_mode(progs: bpf.Programs, requested: str) -> str:
-    """ "bpf" or "mirred". "auto" probes once per boot and program version (under
-    the node lock, so concurrent ADDs probe once) and remembers the answer."""
-    if requested != "auto":
-        return requested
+def _once_per_boot(what: str, progs: bpf.Programs, modes: tuple[str, str], works: Callable[[], bool]) -> str:
+    """modes[0] if `works` says so, else modes[1]: probed once per boot and program
+    version (under the node lock, so concurrent ADDs probe once), then remembered."""
     run_dir = Path(settings.get("BWPLUGIN_RUN_DIR") or "/run/bwplugin")
-    cache = run_dir / f"redirect.{progs.version}"
+    cache = run_dir / f"{what}.{progs.version}"
     key = f"{os.uname().release} {_boot_id()}"
-    cached = _cached_mode(cache, key)  # the common case: no lock needed to read it
+    cached = _cached_mode(cache, key, modes)  # the common case: no lock needed to read it
     if cached:
         return cached
     with bpf.node_lock():
-        cached = _cached_mode(cache, key)
+        cached = _cached_mode(cache, key, modes)
         if cached:
             return cached
-        mode = "bpf" if redirect_honoured(progs) else "mirred"
-        settings.log(f"eBPF redirect into ifb {'works' if mode == 'bpf' else 'is not honoured'}: using {mode}")
+        mode = modes[0] if works() else modes[1]
+        settings.log(f"probe {what}: using {mode}")
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(f"{key} {mode}")
         os.replace(tmp, cache)
         return mode
+
+
+def redirect_mode(progs: bpf.Programs, requested: str) -> str:
+    """ "bpf" or "mirred". "auto": does an ifb honour bpf_redirect (probed once per boot)?"""
+    if requested != "auto":
+        return requested
+    return _once_per_boot("redirect", progs, ("bpf", "mirred"), lambda: redirect_honoured(progs))
+
+
+def attach_mode(progs: bpf.Programs, requested: str) -> str:
+    """ "tcx" or "tc" (cls_bpf counting filters). "auto": do TCX links attach and
+    pass packets on (probed once per boot)?"""
+    if requested != "auto":
+        return requested
+    return _once_per_boot("tcx", progs, ("tcx", "tc"), lambda: tcx_passes_on(progs))
+
+
+# ---------------------------------------------------------------- TCX
+
+
+def tcx_passes_on(progs: bpf.Programs) -> bool:
+    """Does a TCX link attach (Linux 6.6+, CONFIG_NET_XGRESS), and does a frame
+    its program passes on (TCX_NEXT) leave the device? Sends frames out of a
+    veth whose egress hook runs the real bwp_tcx_to_pod."""
+
+    def run(nl: Netlink) -> bool:
+        nl.create_veth("bwplprobe1", "bwplprobe2")
+        links = [nl.link(name=n) for n in ("bwplprobe1", "bwplprobe2")]
+        for link in links:
+            assert link is not None
+            nl.silence_ipv6(link.index)  # only the probe's frames leave
+            nl.set_link(link.index, up=True)
+        src = links[0]
+        assert src is not None
+        try:
+            fd = bpf.link_create(progs.fd("bwp_tcx_to_pod"), src.index, bpf.BPF_TCX_EGRESS, bpf.BPF_F_BEFORE)
+        except OSError as exc:
+            settings.log(f"TCX links do not attach here ({exc.strerror}): counting with cls_bpf filters")
+            return False
+        try:
+            return _frames_seen(nl, src.index, PROBE_FRAMES)
+        finally:
+            os.close(fd)  # unpinned: closing it detaches the program
+
+    return in_fresh_netns(run)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import cli
 from ..cni import settings
 from ..commands import delete, gc
+from ..datapath import tcx
 from ..datapath.netlink import Link, Netlink
 from .client import DEFAULT_SOCKET, FORWARDED, OP
 
@@ -169,24 +170,29 @@ class Server(socketserver.ThreadingUnixStreamServer):
 
 
 class Releaser:
-    """Deletes inert ifbs after DEL has answered. Drained on shutdown; what a crash
-    leaves is swept at the next start (gc.orphan_ifbs) or by GC."""
+    """Deletes inert ifbs, and detaches unpinned TCX links, after DEL has answered.
+    Drained on shutdown; what a crash leaves is swept at the next start
+    (gc.orphan_ifbs; the kernel detaches links whose last fd a dead process held)
+    or by GC."""
 
     def __init__(self) -> None:
-        self.queue: queue.Queue[Link | None] = queue.Queue()
+        self.queue: queue.Queue[Link | list[int] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="bwplugin-ifb-release", daemon=True)
         self.thread.start()
 
-    def __call__(self, ifb: Link) -> None:
-        self.queue.put(ifb)
+    def __call__(self, item: Link | list[int]) -> None:
+        self.queue.put(item)
 
     def _run(self) -> None:
         with Netlink() as nl:
-            while (ifb := self.queue.get()) is not None:
+            while (item := self.queue.get()) is not None:
                 try:
-                    gc.delete_ifb_if_same(nl, ifb)
+                    if isinstance(item, list):
+                        tcx.release(item)
+                    else:
+                        gc.delete_ifb_if_same(nl, item)
                 except OSError as exc:
-                    print(f"bwplugin agent: releasing ifb {ifb.name} failed: {exc}", file=sys.stderr, flush=True)
+                    print(f"bwplugin agent: releasing {item} failed: {exc}", file=sys.stderr, flush=True)
 
     def drain(self) -> None:
         self.queue.put(None)
@@ -321,6 +327,7 @@ def serve(
     signal.signal(signal.SIGINT, stop)
     releaser = Releaser()
     delete.ifb_releaser = releaser
+    delete.link_releaser = releaser
     watcher = start_watch(watch_node, kubeconfig, metrics) if watch_node else None
     print(f"bwplugin agent: serving {path} (pid {os.getpid()}), swept {swept} orphan ifb(s)", file=sys.stderr,
           flush=True)  # fmt: skip
@@ -338,6 +345,7 @@ def serve(
             path.unlink()
         stuck = server.wait_idle(DRAIN_TIMEOUT)
         delete.ifb_releaser = None
+        delete.link_releaser = None
         releaser.drain()
         print(f"bwplugin agent: stopped ({stuck} request(s) still running)", file=sys.stderr, flush=True)
 
