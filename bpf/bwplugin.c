@@ -204,14 +204,17 @@ static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *va
     return shaped;
 }
 
-int bwp_count_from_pod(struct __sk_buff *skb)
+// cls_bpf counting: the filter's classid is the attachment id
+static __always_inline int bwp_cls_count(struct __sk_buff *skb, int from_pod)
 {
     __u32 id = skb->tc_classid & 0xffff;
     struct bwp_val *val = bwp_attach.lookup(&id);
     if (val)
-        bwp_account(skb, val, id, 1);
+        bwp_account(skb, val, id, from_pod);
     return TC_ACT_UNSPEC;
 }
+
+int bwp_count_from_pod(struct __sk_buff *skb) { return bwp_cls_count(skb, 1); }
 
 int bwp_from_pod(struct __sk_buff *skb)
 {
@@ -232,14 +235,7 @@ int bwp_from_pod_mirred(struct __sk_buff *skb)
     return val->ifb_ifindex ? -1 : 0;  // -1: match, run the filter's actions
 }
 
-int bwp_to_pod(struct __sk_buff *skb)
-{
-    __u32 id = skb->tc_classid & 0xffff;
-    struct bwp_val *val = bwp_attach.lookup(&id);
-    if (val)
-        bwp_account(skb, val, id, 0);
-    return TC_ACT_UNSPEC;
-}
+int bwp_to_pod(struct __sk_buff *skb) { return bwp_cls_count(skb, 0); }
 
 // The attachment of the veth this TCX program runs on, if its entry says so.
 static __always_inline struct bwp_val *bwp_tcx_val(struct __sk_buff *skb, __u32 *id)

@@ -82,7 +82,7 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, shared: bool, und
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
     attach_id = _add_entry(progs, env, conf, host, undo)
     use_tcx = probe.attach_mode(progs, conf.policy.tc_attach) == "tcx"
-    if use_tcx and not bpf.tcx_claim(progs.tcx_fd, host.index, attach_id):
+    if use_tcx and not bpf.tcx_claim(progs.tcx_fd, progs.map_fd, host.index, attach_id):
         log(f"ifindex {host.index} ({host.name}) is held by another live attachment: counting with cls_bpf")
         use_tcx = False  # bpf.release (the entry's undo) drops a claim that was made
     bpf.shaping_set(progs.shaping_fd, attach_id, shaping_entry(conf, host, shared, use_tcx))

@@ -156,9 +156,10 @@ def _check_steering(
                 problems.append(f"{where}: redirects to ifindex {flt.mirred_ifindex}, expected {target}")
         for hook in HOOK_NAMES:
             _check_order(problems, host, hook, tc.hook_filters(nl, host.index, hook), counted=on_tcx)
+        owner = owner_of(conf, env)
         if on_tcx:
-            _check_tcx(problems, progs, owner_of(conf, env), host)
-        elif tcx.pinned(owner_of(conf, env)):
+            _check_tcx(problems, progs, owner, host)
+        elif tcx.pinned(owner):
             problems.append(f"TCX links of {host.name}: present, but this attachment counts with cls_bpf filters")
         if len(ids) != 1:
             if len(ids) > 1:

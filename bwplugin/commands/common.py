@@ -107,13 +107,13 @@ def teardown_host(nl: Netlink, host_index: int, attach_id: int | None = None) ->
     if not filters:
         return True
     clsact = tc.clsact_qdisc(nl, host_index)
-    ids = {f.classid for f in filters.values()}
-    if not foreign and clsact is not None and clsact.kind == "clsact" and not _clsact_shared(ids):
+    shared = _clsact_shared({f.classid for f in filters.values()})
+    if not foreign and clsact is not None and clsact.kind == "clsact" and not shared:
         tc.delete_qdisc(nl, host_index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE)  # ours, and only ours on it
         return True
     for (hook, prio), f in filters.items():
         tc.delete_filter(nl, host_index, hook, prio, f.handle)
-    if not _clsact_shared(ids) and tc.clsact_is_empty(nl, host_index):
+    if not shared and tc.clsact_is_empty(nl, host_index):
         tc.delete_qdisc(nl, host_index, tc.TC_H_CLSACT, tc.CLSACT_HANDLE)  # the other tool's filters left first
     return True
 

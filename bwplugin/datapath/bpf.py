@@ -202,19 +202,14 @@ def prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
-def tcx_claim(fd: int, ifindex: int, attach_id: int) -> bool:
+def tcx_claim(fd: int, map_fd: int, ifindex: int, attach_id: int) -> bool:
     """Point the TCX programs on this ifindex at the attachment; False if another
     live attachment holds the ifindex (a veth of that index in another netns)."""
     key = KEY.pack(ifindex)
     old = map_lookup(fd, key, KEY.size)
     if old is not None:
         holder = KEY.unpack(old)[0]
-        amap = open_map()
-        try:
-            entry = attach_get(amap, holder) if amap is not None else None
-        finally:
-            close_fds(amap)
-        if entry is not None and holder != attach_id:
+        if holder != attach_id and attach_get(map_fd, holder) is not None:
             return False
         map_delete(fd, key)  # a stale claim: its attachment is gone
     try:

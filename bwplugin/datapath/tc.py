@@ -385,8 +385,8 @@ def scan_hooks(nl: Netlink, index: int) -> tuple[dict[tuple[int, int], BPFFilter
         for f in nl.filters(index, hook):
             if f.handle == 0:
                 continue  # a priority's chain head, not a filter
-            bf = _bpf_filter(hook, f) if f.kind == "bpf" else None
-            if bf is not None and bf.prio in OUR_PRIOS and bf.name.startswith("bwplugin:"):
+            if _is_ours(f):
+                bf = _bpf_filter(hook, f)
                 ours[(hook, bf.prio)] = bf
             else:
                 foreign += 1
@@ -408,11 +408,15 @@ def hook_filters(nl: Netlink, index: int, hook: int) -> list[HookFilter]:
     for f in nl.filters(index, hook):
         if f.handle == 0 or (f.kind == "u32" and TCA_U32_SEL not in f.options):
             continue  # a priority's chain head, or a u32 hash table: not a filter
-        name = (attr_str(f.options, TCA_BPF_NAME) or "") if f.kind == "bpf" else ""
-        ours = f.kind == "bpf" and f.info >> 16 in OUR_PRIOS and name.startswith("bwplugin:")
         verdict, detail = _verdict(f)
-        out.append(HookFilter(f.kind, f.info >> 16, f.handle, ours, verdict, detail))
+        out.append(HookFilter(f.kind, f.info >> 16, f.handle, _is_ours(f), verdict, detail))
     return out
+
+
+def _is_ours(f: TcObject) -> bool:
+    """bwplugin's: a cls_bpf filter at one of our priorities, named by us."""
+    name = attr_str(f.options, TCA_BPF_NAME) or ""
+    return f.kind == "bpf" and f.info >> 16 in OUR_PRIOS and name.startswith("bwplugin:")
 
 
 def _verdict(f: TcObject) -> tuple[str, str]:
@@ -435,7 +439,8 @@ def _verdict(f: TcObject) -> tuple[str, str]:
             raw = parms.get(TCA_MIRRED_PARMS, b"")
             if len(raw) < _MIRRED.size:
                 return "unknown", "action mirred"
-            eaction, verdict = _MIRRED.unpack_from(raw)[5], _MIRRED.unpack_from(raw)[2]
+            fields = _MIRRED.unpack_from(raw)
+            eaction, verdict = fields[5], fields[2]
             if eaction not in (TCA_EGRESS_MIRROR, TCA_INGRESS_MIRROR):
                 return "ends", "action mirred redirect: takes the packet"
         elif kind == "gact":

@@ -31,7 +31,7 @@ def attach(progs: bpf.Programs, ifindex: int, owner: int, hook: str) -> None:
     """Create the link at the head of the hook and pin it; a stale pin of this
     owner (an ADD killed before its DEL) is released first."""
     path = pin_path(owner, hook)
-    _release(path)
+    release([fd for fd in [_unpin(path)] if fd is not None])
     fd = bpf.link_create(progs.fd(PROGRAM[hook]), ifindex, HOOKS[hook], bpf.BPF_F_BEFORE)
     try:
         bpf.obj_pin(fd, path)
@@ -52,19 +52,29 @@ def unpin(owner: int) -> list[int]:
     Detaching is what costs (the kernel waits for an RCU grace period under the
     rtnl lock, ~15 ms here), so the agent does it after DEL has answered; the
     links are inert already once the attachment's map entries are gone."""
-    fds = []
-    for hook in HOOKS:
-        path = pin_path(owner, hook)
-        try:
-            fds.append(bpf.obj_get(path))
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                release(fds)
-                raise
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    fds: list[int] = []
+    try:
+        for hook in HOOKS:
+            fd = _unpin(pin_path(owner, hook))
+            if fd is not None:
+                fds.append(fd)
+    except OSError:
+        release(fds)
+        raise
     return fds
+
+
+def _unpin(path: Path) -> int | None:
+    """An fd holding the pinned link, its pin removed; None if there was no pin."""
+    try:
+        fd = bpf.obj_get(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return fd
 
 
 def release(fds: list[int]) -> None:
@@ -77,19 +87,6 @@ def release(fds: list[int]) -> None:
                 bpf.link_detach(fd)
         finally:
             os.close(fd)
-
-
-def _release(path: Path) -> bool:
-    try:
-        fd = bpf.obj_get(path)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    release([fd])
-    return True
 
 
 @dataclass(frozen=True)
