@@ -3,9 +3,10 @@
 # the kernel tests then must run (BWPLUGIN_REQUIRE_KERNEL=1 turns a skip into a failure).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# the tests also run a real Prometheus (each its own private instance). Note: on a machine
+# the tests also run a real Prometheus (each its own private instance) and build the
+# DaemonSet image (mmdebstrap, umoci). Note: on a machine
 # with systemd, Debian's prometheus package also starts its own service when installed.
-SETUP_EXTRA_PACKAGES="prometheus" source "$ROOT/scripts/setup.sh"
+SETUP_EXTRA_PACKAGES="prometheus mmdebstrap umoci openssl" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 ruff check bwplugin tests bench
 ruff format --check bwplugin tests bench

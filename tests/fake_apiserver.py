@@ -16,10 +16,13 @@ import ctypes
 import json
 import os
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from bwplugin.datapath.netlink import CLONE_NEWNET, in_helper_thread, libc
@@ -35,7 +38,12 @@ def pod_object(namespace: str, name: str, uid: str, node: str, annotations: dict
 
 
 class FakeAPIServer:
-    def __init__(self, netns: str) -> None:
+    """tls_dir: serve HTTPS with a certificate for 127.0.0.1 made there, as a pod's
+    in-cluster config expects (service_account() writes what the kubelet mounts)."""
+
+    TOKEN = "bwpt-test-token"
+
+    def __init__(self, netns: str, tls_dir: Path | None = None) -> None:
         self.lock = threading.Condition()
         self.version = 100
         self.pods: dict[str, dict[str, Any]] = {}  # uid -> pod
@@ -47,6 +55,20 @@ class FakeAPIServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler, bind_and_activate=False)
         self.server.socket.close()
         self.server.socket = _listening_socket_in(netns)
+        self.tls_dir = tls_dir
+        if tls_dir is not None:
+            tls_dir.mkdir(parents=True, exist_ok=True)
+            cert, key = tls_dir / "ca.crt", tls_dir / "server.key"
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=bwpt-apiserver",
+                 "-addext", "subjectAltName=IP:127.0.0.1"],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert, key)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.authorizations: list[str] = []  # the Authorization header of every request
         self.server.fake = self  # type: ignore[attr-defined]
         self.port = self.server.socket.getsockname()[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -60,11 +82,20 @@ class FakeAPIServer:
         self.server.shutdown()
         self.server.server_close()
 
+    def service_account(self, path: Path) -> Path:
+        """The files the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount."""
+        assert self.tls_dir is not None, "in-cluster config needs HTTPS"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "token").write_text(self.TOKEN)
+        (path / "namespace").write_text("kube-system")
+        (path / "ca.crt").write_bytes((self.tls_dir / "ca.crt").read_bytes())
+        return path
+
     def kubeconfig(self, path: str) -> str:
         doc = {
             "apiVersion": "v1", "kind": "Config", "current-context": "bwpt",
             "clusters": [{"name": "bwpt", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
-            "users": [{"name": "bwpt", "user": {"token": "bwpt-test-token"}}],
+            "users": [{"name": "bwpt", "user": {"token": self.TOKEN}}],
             "contexts": [{"name": "bwpt", "context": {"cluster": "bwpt", "user": "bwpt"}}],
         }  # fmt: skip
         with open(path, "w") as fh:
@@ -143,6 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urllib.parse.urlparse(self.path)
         query = urllib.parse.parse_qs(url.query)
         fake.requests.append(query)
+        fake.authorizations.append(str(self.headers.get("Authorization", "")))
         if url.path != "/api/v1/pods":
             self._json(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
             return

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -153,3 +155,61 @@ def test_restarted_agent_sweeps_ifbs_a_crash_left_unreleased(agent_lab: Lab) -> 
     lab.start_agent()
     assert ifb not in view(lab.node).links
     pod.attachment.result = None  # nothing left for the final DEL but ptp's part
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _agent_module(*args: str) -> list[str]:
+    """The agent (or its health probe) on the interpreter line the launchers use (-I -S),
+    without Debian's dist-packages when asked: then bcc cannot be imported."""
+    return [sys.executable, "-I", "-S", "-c",
+            f"import sys; sys.path[:0] = [{REPO!r}]; from bwplugin.node.agent import main; "
+            "raise SystemExit(main())", *args]  # fmt: skip
+
+
+def test_health_and_status_agree_on_a_node_that_cannot_shape(tmp_path) -> None:
+    """The DaemonSet's probes: an agent whose node lacks kernel headers and bcc
+    (and has nothing compiled) is live but not ready, for the same reasons STATUS
+    gives (code 50). It runs in a private mount namespace whose /lib/modules/<release>
+    is empty, and a network namespace of its own (its start-up sweep sees nothing
+    of the node's)."""
+    release = os.uname().release
+    empty, sock = tmp_path / "empty", tmp_path / "agent" / "agent.sock"
+    empty.mkdir()
+    env = {"BWPLUGIN_PIN_DIR": str(tmp_path / "pins"), "BWPLUGIN_RUN_DIR": str(tmp_path / "run"),
+           "PATH": os.environ["PATH"]}  # fmt: skip
+    argv = shlex.join(_agent_module("--socket", str(sock)))
+    agent = subprocess.Popen(
+        ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c",
+         f"mount --bind {empty} /lib/modules/{release} && exec {argv}"],
+        env=env, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        assert sock.exists(), agent.stderr.read() if agent.poll() is not None else "no socket"
+        ready = subprocess.run(
+            _agent_module("--health", "ready", "--socket", str(sock)), capture_output=True, text=True
+        )
+        live = subprocess.run(_agent_module("--health", "live", "--socket", str(sock)), capture_output=True, text=True)
+        report = json.loads(ready.stdout)
+        assert ready.returncode == 1 and live.returncode == 0, (ready, live)
+        assert report["live"] and not report["ready"] and report["watch"] == "off", report
+        status = subprocess.run(
+            [sys.executable, "-I", "-S", "-c",
+             f"import sys; sys.path[:0] = [{REPO!r}]; from bwplugin.node.client import main; raise SystemExit(main())"],
+            input='{"cniVersion": "1.1.0", "name": "n", "type": "bwplugin"}', capture_output=True, text=True,
+            env={"CNI_COMMAND": "STATUS", "BWPLUGIN_AGENT_SOCKET": str(sock)},
+        )  # fmt: skip
+        err = json.loads(status.stdout)
+        assert status.returncode == 1 and err["code"] == 50, err
+        assert report["problems"] and all(p in err["msg"] for p in report["problems"]), (report, err)
+        assert f"kernel headers are missing (/lib/modules/{release}/build)" in err["msg"]
+    finally:
+        agent.terminate()
+        agent.wait(30)
+    down = subprocess.run(_agent_module("--health", "live", "--socket", str(sock)), capture_output=True, text=True)
+    assert down.returncode == 1 and "not live" in down.stderr

@@ -72,3 +72,16 @@ def test_the_default_install_runs_root_owned_code_not_the_checkout(tmp_path: Pat
     # the agent's launcher runs the agent from the copy
     out = subprocess.run([str(lib / "bwplugin-agent"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--socket" in out.stdout
+
+
+def test_the_forwarder_install_puts_the_binary_in_and_a_cli_beside_the_copy(tmp_path: Path) -> None:
+    """--forwarder (the DaemonSet's way, for nodes without Python): the CNI executable
+    is that binary, byte for byte; the package copy gets bwplugin-cli for stats/set."""
+    binary = tmp_path / "bwplugin-forward"
+    binary.write_bytes(b"\x7fELF" + os.urandom(64))
+    exe = install(tmp_path / "bin", lib=tmp_path / "lib", lib_on_host="/opt/bwplugin/lib", forwarder=binary)
+    assert exe == tmp_path / "bin" / "bwplugin" and exe.read_bytes() == binary.read_bytes()
+    assert os.stat(exe).st_mode & 0o777 == 0o755
+    cli = (tmp_path / "lib" / "bwplugin-cli").read_text()
+    assert cli.startswith("#!") and "'/opt/bwplugin/lib'" in cli and "bwplugin.node.client" in cli
+    assert not list((tmp_path / "bin").glob(".*.tmp"))  # written aside, then renamed in

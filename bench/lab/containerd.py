@@ -45,6 +45,7 @@ LAB_DIR = Path(__file__).resolve().parent
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 RUN_CONTAINERD = "/run/containerd"
 CNI_CACHE = "/var/lib/cni"  # libcni's result cache; containerd 1.6 has no setting for it
+HOST_ROOT = "host"  # under the lab's directory: the node's relocated hostPaths
 
 
 class LabError(RuntimeError):
@@ -179,6 +180,9 @@ class Containerd:
     # puts the bwplugin executable into a CNI bin dir (default: bwplugin-install from this checkout)
     installer: Callable[[Path], object] = install
     agent_args: tuple[str, ...] = ()  # more arguments for the agent (--metrics-address, --watch-pods, ...)
+    # the agent runs elsewhere (the DaemonSet's container): plugins dial its socket
+    # where the lab relocates the node's /run/bwplugin (HOST_ROOT, see daemonset.py)
+    external_agent: bool = False
 
     def __post_init__(self) -> None:
         self.tag = secrets.token_hex(3)
@@ -205,6 +209,8 @@ class Containerd:
             (self.dir / sub).mkdir()
         self.socket = str(self.dir / "containerd.sock")
         self.agent_socket = str(self.dir / "agent" / "agent.sock")
+        if self.external_agent:
+            self.agent_socket = str(self.dir / HOST_ROOT / "run" / "bwplugin" / "agent.sock")
         for plugin in ("ptp", "host-local", "loopback", "bandwidth"):
             os.symlink(f"{REFERENCE_DIR}/{plugin}", self.dir / "bin" / plugin)
         self.installer(self.dir / "bin")  # the executable a node gets from bwplugin-install
@@ -229,7 +235,7 @@ class Containerd:
         node's bwplugin settings (private pins and run dir, the agent's socket)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BWPLUGIN_", "CNI_"))}
         env.update(BWPLUGIN_PIN_DIR=str(self.pins), BWPLUGIN_RUN_DIR=str(self.dir / "run"))
-        if self.agent:
+        if self.agent or self.external_agent:
             env["BWPLUGIN_AGENT_SOCKET"] = self.agent_socket
         else:
             env["BWPLUGIN_NO_AGENT"] = "1"  # never the machine's agent by accident

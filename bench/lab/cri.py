@@ -47,17 +47,45 @@ class CRIClient:
         annotations: dict[str, str],
         log_directory: str,
         cgroup_parent: str = "",
+        host_network: bool = False,
+        host_pid: bool = False,
+        privileged: bool = False,
     ) -> str:
+        sid, _config = self.run_pod_config(
+            name, namespace, uid, annotations, log_directory, cgroup_parent, host_network, host_pid, privileged
+        )
+        return sid
+
+    def run_pod_config(
+        self,
+        name: str,
+        namespace: str,
+        uid: str,
+        annotations: dict[str, str],
+        log_directory: str,
+        cgroup_parent: str = "",
+        host_network: bool = False,
+        host_pid: bool = False,
+        privileged: bool = False,
+    ) -> tuple[str, Any]:
+        """RunPodSandbox; returns the id and the config (CreateContainer sends it again).
+        host_network/host_pid: the node's namespaces, as the kubelet asks for a pod
+        with hostNetwork/hostPID; privileged: the pod has a privileged container."""
+        node, pod = protos.NamespaceMode.Value("NODE"), protos.NamespaceMode.Value("POD")
+        options = protos.NamespaceOption(network=node if host_network else pod, pid=node if host_pid else pod)
         config = protos.PodSandboxConfig(
             metadata=protos.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=0),
-            hostname=name,
+            hostname="" if host_network else name,
             log_directory=log_directory,
             labels={"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": namespace},
             annotations=annotations,
-            linux=protos.LinuxPodSandboxConfig(cgroup_parent=cgroup_parent),
+            linux=protos.LinuxPodSandboxConfig(
+                cgroup_parent=cgroup_parent,
+                security_context=protos.LinuxSandboxSecurityContext(namespace_options=options, privileged=privileged),
+            ),
         )
         reply = self.stub.RunPodSandbox(protos.RunPodSandboxRequest(config=config), timeout=self.timeout)
-        return str(reply.pod_sandbox_id)
+        return str(reply.pod_sandbox_id), config
 
     def status(self, sandbox_id: str) -> tuple[Any, dict[str, Any]]:
         """The sandbox's status and the runtime's verbose info (decoded JSON)."""
@@ -83,3 +111,37 @@ class CRIClient:
     def list_pods(self) -> list[str]:
         reply = self.stub.ListPodSandbox(protos.ListPodSandboxRequest(), timeout=self.timeout)
         return [str(item.id) for item in reply.items]
+
+    # ------------------------------------------------------------ containers
+
+    def create_container(self, sandbox_id: str, sandbox_config: Any, config: Any) -> str:
+        reply = self.stub.CreateContainer(
+            protos.CreateContainerRequest(pod_sandbox_id=sandbox_id, config=config, sandbox_config=sandbox_config),
+            timeout=self.timeout,
+        )
+        return str(reply.container_id)
+
+    def start_container(self, container_id: str) -> None:
+        self.stub.StartContainer(protos.StartContainerRequest(container_id=container_id), timeout=self.timeout)
+
+    def stop_container(self, container_id: str, grace: int = 0) -> None:
+        self.stub.StopContainer(
+            protos.StopContainerRequest(container_id=container_id, timeout=grace), timeout=self.timeout + grace
+        )
+
+    def remove_container(self, container_id: str) -> None:
+        self.stub.RemoveContainer(protos.RemoveContainerRequest(container_id=container_id), timeout=self.timeout)
+
+    def container_status(self, container_id: str) -> tuple[Any, dict[str, Any]]:
+        reply = self.stub.ContainerStatus(
+            protos.ContainerStatusRequest(container_id=container_id, verbose=True), timeout=self.timeout
+        )
+        info = json.loads(reply.info["info"]) if "info" in reply.info else {}
+        return reply.status, info
+
+    def exec_sync(self, container_id: str, cmd: list[str], timeout: int = 10) -> tuple[int, bytes, bytes]:
+        """ExecSync, as the kubelet runs an exec probe."""
+        reply = self.stub.ExecSync(
+            protos.ExecSyncRequest(container_id=container_id, cmd=cmd, timeout=timeout), timeout=self.timeout + timeout
+        )
+        return int(reply.exit_code), bytes(reply.stdout), bytes(reply.stderr)

@@ -36,6 +36,8 @@ from .client import DEFAULT_SOCKET, FORWARDED, OP
 if TYPE_CHECKING:
     from .watch import PodWatcher
 
+OPS = ("set", "health")  # BWPLUGIN_OP values: a live change, the health probe
+HEALTH_TIMEOUT = 8.0  # s the health probe waits for the agent's answer (STATUS may run a kernel probe)
 MAX_HEADER = 64  # bytes of the "<env> <stdin>" length line
 MAX_ENV = 64 << 10  # the CNI_* variables
 MAX_STDIN = 1 << 20  # a config with its prevResult: a few KB in practice
@@ -57,7 +59,7 @@ def decode_request(head: bytes, read: Callable[[int], bytes]) -> tuple[dict[str,
     env = {}
     for item in block.split(b"\0"):
         key, sep, value = item.decode().partition("=")
-        if sep and (key.startswith(FORWARDED) or key == OP and value == "set"):
+        if sep and (key.startswith(FORWARDED) or key == OP and value in OPS):
             env[key] = value
     return env, stdin
 
@@ -101,6 +103,9 @@ class Handler(socketserver.StreamRequestHandler):
                 code, set_out = cli.run_set(stdin)
                 out: dict[str, Any] | None = set_out
                 command = "SET"
+            elif env.get(OP) == "health":
+                code, out = 0, cast(Server, self.server).health()
+                command = "HEALTH"
             else:
                 code, out = cli.run(env, stdin)
                 command = env.get("CNI_COMMAND", "")
@@ -137,6 +142,25 @@ class Server(socketserver.ThreadingUnixStreamServer):
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.idle = threading.Condition()
         self.in_flight = 0
+        self.watch_thread: threading.Thread | None = None
+
+    def health(self) -> dict[str, Any]:
+        """Live: this answer came, and the annotation watch (if on) still runs.
+        Ready: also, STATUS finds nothing that stops this node shaping pods (the
+        same check, so the runtime's STATUS and the kubelet's probe agree)."""
+        from ..commands.status import status_problems
+
+        watch = "off" if self.watch_thread is None else "running" if self.watch_thread.is_alive() else "stopped"
+        problems = status_problems()
+        live = watch != "stopped"
+        return {
+            "live": live,
+            "ready": live and not problems,
+            "problems": problems,
+            "watch": watch,
+            "inFlight": self.in_flight - 1,  # not counting this probe
+            "pid": os.getpid(),
+        }
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self.slots.acquire()  # blocks accepting while MAX_CLIENTS are served
@@ -277,7 +301,7 @@ class AgentMetrics:
         start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
 
 
-def start_watch(node: str, kubeconfig: str | None, metrics: AgentMetrics | None) -> PodWatcher:
+def start_watch(node: str, kubeconfig: str | None, metrics: AgentMetrics | None) -> tuple[PodWatcher, threading.Thread]:
     """The annotation watch, in a thread of its own, applying changes through the
     same call the socket's `bwplugin set` requests take."""
     from .watch import PodWatcher
@@ -293,8 +317,9 @@ def start_watch(node: str, kubeconfig: str | None, metrics: AgentMetrics | None)
         print(f"bwplugin agent: {msg}", file=sys.stderr, flush=True)
 
     watcher = PodWatcher(node, apply, log, metrics.count if metrics else lambda _m, _l: None, kubeconfig)
-    threading.Thread(target=watcher.run, name="bwplugin-pod-watch", daemon=True).start()
-    return watcher
+    thread = threading.Thread(target=watcher.run, name="bwplugin-pod-watch", daemon=True)
+    thread.start()
+    return watcher, thread
 
 
 def serve(
@@ -328,7 +353,9 @@ def serve(
     releaser = Releaser()
     delete.ifb_releaser = releaser
     delete.link_releaser = releaser
-    watcher = start_watch(watch_node, kubeconfig, metrics) if watch_node else None
+    watcher = None
+    if watch_node:
+        watcher, server.watch_thread = start_watch(watch_node, kubeconfig, metrics)
     print(f"bwplugin agent: serving {path} (pid {os.getpid()}), swept {swept} orphan ifb(s)", file=sys.stderr,
           flush=True)  # fmt: skip
     if ready:
@@ -350,6 +377,25 @@ def serve(
         print(f"bwplugin agent: stopped ({stuck} request(s) still running)", file=sys.stderr, flush=True)
 
 
+def probe_health(path: Path, want: str) -> int:
+    """The kubelet's exec probe: one health request over the agent's socket."""
+    from .client import exchange
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(HEALTH_TIMEOUT)
+    try:
+        sock.connect(str(path))
+        code, out, err = exchange(sock, {OP: "health"}, b"")
+        report = json.loads(out) if code == 0 else {}
+    except (OSError, ValueError) as exc:
+        print(f"bwplugin agent at {path}: not live ({exc})", file=sys.stderr)
+        return 1
+    print(json.dumps(report))
+    if err:
+        sys.stderr.write(err.decode(errors="replace"))
+    return 0 if report.get(want) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", type=Path, default=Path(os.environ.get("BWPLUGIN_AGENT_SOCKET", DEFAULT_SOCKET)))
@@ -367,7 +413,14 @@ def main() -> int:
         help="this node's name, for --watch-pods (default: $NODE_NAME, from the downward API)",
     )  # fmt: skip
     parser.add_argument("--kubeconfig", help="for --watch-pods: a kubeconfig file (default: in-cluster config)")
+    parser.add_argument(
+        "--health", choices=("live", "ready"),
+        help="do not serve: ask the agent at --socket and exit 0 if it is live (answers) or ready (can shape pods, "
+        "as STATUS says); for the DaemonSet's probes",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.health:
+        return probe_health(args.socket, args.health)
     if args.watch_pods and not args.node_name:
         parser.error("--watch-pods needs --node-name or $NODE_NAME")
     if args.watch_pods:

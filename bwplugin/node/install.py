@@ -16,6 +16,7 @@ from ..datapath.bpf import source_path
 DEFAULT_DIR = "/opt/cni/bin"
 DEFAULT_LIB = "/opt/bwplugin/lib"
 AGENT_LAUNCHER = "bwplugin-agent"  # in the lib directory
+CLI_LAUNCHER = "bwplugin-cli"  # in the lib directory: `stats` and `set` where the CNI executable is the forwarder
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # holds bwplugin/ and bpf/
@@ -60,10 +61,10 @@ def copy_package(lib: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_executable(target: Path, text: str) -> Path:
+def _write_executable(target: Path, content: str | bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
     tmp.chmod(0o755)
     os.replace(tmp, target)  # atomic: a runtime never executes half a file
     return target
@@ -74,15 +75,22 @@ def install(
     python: str | None = None,
     lib: str | Path | None = None,
     lib_on_host: str | None = None,
+    forwarder: str | Path | None = None,
 ) -> Path:
     """lib: copy the package there and run from the copy (lib=None: run from this
     package where it is, for the test lab); lib_on_host: where the host sees that
-    copy (when installing from a container with the host's disk mounted elsewhere)."""
+    copy (when installing from a container with the host's disk mounted elsewhere).
+    forwarder: install that static binary (deploy/forwarder.c) as the CNI
+    executable instead, for nodes without Python: it needs the agent, and the
+    copy's bwplugin-cli launcher is then the way to `stats` and `set` on the host."""
     root: str | Path = PACKAGE_ROOT
     if lib is not None:
         copy_package(Path(lib))
         root = lib_on_host or lib
         _write_executable(Path(lib) / AGENT_LAUNCHER, launcher_text(python, root, "agent"))
+        _write_executable(Path(lib) / CLI_LAUNCHER, launcher_text(python, root))
+    if forwarder is not None:
+        return _write_executable(Path(directory) / "bwplugin", Path(forwarder).read_bytes())
     return _write_executable(Path(directory) / "bwplugin", launcher_text(python, root))
 
 
@@ -113,9 +121,17 @@ def main() -> int:
     parser.add_argument("--lib", default=DEFAULT_LIB, help=f"where the root-owned copy goes (default {DEFAULT_LIB})")
     parser.add_argument("--lib-on-host", help="the path under which the host sees --lib")
     parser.add_argument("--python", help="interpreter for the executable (default: this one's real path)")
+    parser.add_argument(
+        "--forwarder", metavar="BINARY",
+        help="install this static forwarder as the CNI executable (nodes without Python; the agent is then required)",
+    )  # fmt: skip
     parser.add_argument("--systemd-unit", metavar="PATH", help="also write the agent's systemd unit to PATH")
     args = parser.parse_args()
-    print(f"installed {install(args.dir, args.python, args.lib, args.lib_on_host)}, running from {args.lib}")
+    target = install(args.dir, args.python, args.lib, args.lib_on_host, args.forwarder)
+    if args.forwarder:
+        print(f"installed {target} (the forwarder: needs the agent); package copy in {args.lib}")
+    else:
+        print(f"installed {target}, running from {args.lib}")
     if args.systemd_unit:
         Path(args.systemd_unit).write_text(systemd_unit_text(args.lib_on_host or args.lib))
         print(f"wrote {args.systemd_unit}: systemctl daemon-reload && systemctl enable --now bwplugin-agent")
