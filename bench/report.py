@@ -7,7 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 PLUGINS = ("bwplugin", "reference")
-COST_VARIANTS = ("bwplugin (agent)", "bwplugin (no agent)", "reference")
+COST_VARIANTS = ("bwplugin (agent)", "bwplugin (forwarder)", "bwplugin (no agent)", "reference")
 
 
 def _med(xs: list[float]) -> float:
@@ -240,16 +240,17 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax = axes[1][1]
     cost = [r for r in result.get("cost", []) if "del_ms" in r]
     phases = sorted({r["phase"] for r in cost})
-    cost_colors = {"bwplugin (agent)": "tab:blue", "bwplugin (no agent)": "tab:cyan", "reference": "tab:orange"}
+    cost_colors = {"bwplugin (agent)": "tab:blue", "bwplugin (forwarder)": "tab:green",
+                   "bwplugin (no agent)": "tab:cyan", "reference": "tab:orange"}  # fmt: skip
     for i, variant in enumerate(COST_VARIANTS):
         rows = {r["phase"]: r for r in cost if r["plugin"] == variant}
         adds = [_p(rows[ph]["add_ms"], 50) if ph in rows else float("nan") for ph in phases]
         dels = [_p(rows[ph]["del_ms"], 50) if ph in rows else float("nan") for ph in phases]
-        xs = [j * 2.4 + i * 0.35 for j in range(len(phases))]
-        ax.bar(xs, adds, 0.35, color=cost_colors[variant], label=f"{variant} ADD p50")
-        ax.bar([x + 1.1 for x in xs], dels, 0.35, color=cost_colors[variant], alpha=0.5, hatch="//",
+        xs = [j * 2.6 + i * 0.28 for j in range(len(phases))]
+        ax.bar(xs, adds, 0.28, color=cost_colors[variant], label=f"{variant} ADD p50")
+        ax.bar([x + 1.2 for x in xs], dels, 0.28, color=cost_colors[variant], alpha=0.5, hatch="//",
                label=f"{variant} DEL p50")  # fmt: skip
-    ax.set_xticks([j * 2.4 + 0.9 for j in range(len(phases))], phases)
+    ax.set_xticks([j * 2.6 + 1.0 for j in range(len(phases))], phases)
     ax.set(ylabel="ms", yscale="log", title="ADD / DEL wall time (p50; left ADD, right DEL)")
     ax.legend(fontsize=8)
 

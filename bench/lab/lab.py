@@ -35,6 +35,7 @@ NETNS_DIR = "/run/netns"
 CONTAINERD_BURST = 4294967295  # bits: what containerd sends for both bursts
 # Python run first in every plugin process and agent the lab starts: the tests put
 # their fault hooks here (tests/faults.py), so that the product carries none
+FORWARDER_SOURCE = Path(__file__).resolve().parent.parent.parent / "deploy" / "forwarder.c"
 PRELUDE = ""
 LAUNCH = "from bwplugin.node.client import main"
 AGENT = "from bwplugin.node.agent import main; raise SystemExit(main())"
@@ -150,6 +151,18 @@ class Lab:
         else:
             self.runtime.extra_env.pop("BWPLUGIN_FAULT", None)
             fault_file.unlink(missing_ok=True)
+
+    def forwarder_bin_dir(self) -> Path:
+        """A CNI bin dir whose bwplugin is the DaemonSet's static forwarder (built here as
+        deploy/build-image.sh builds it); put it before bin_dir in the CNI path."""
+        fwd = self.tmp / "bin-forwarder"
+        if not (fwd / "bwplugin").exists():
+            fwd.mkdir(exist_ok=True)
+            subprocess.run(
+                ["gcc", "-static", "-Os", "-s", "-o", str(fwd / "bwplugin"), str(FORWARDER_SOURCE)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        return fwd
 
     def start_agent(self, *extra: str) -> None:
         """The node agent, in the node namespace (it must live in the host netns);
