@@ -153,6 +153,27 @@ def test_runtime_config_used_without_static(lab: Lab) -> None:
     assert entry and entry.ifb_index == 0 and entry.flags == bpf.F_INGRESS_SHAPED | bpf.F_COUNTING
 
 
+def test_burst_cap_and_raise_are_reported_on_stderr(lab: Lab) -> None:
+    """What the README promises: a runtime's huge default burst is capped (and said so),
+    a burst below a few frames is raised (and said so), on the plugin's stderr, which
+    runtimes keep; through the agent too (its log lines travel back with the reply)."""
+    conflist = lab.conflist(shaper())
+    pod = lab.pod("big")
+    big = lab.attach(pod, conflist, {"bandwidth": {"ingressRate": 10_000_000, "ingressBurst": 4294967295}})
+    assert "ingress burst 536870911 B capped to 12500 B (maxBurstMs=10)" in big.logs["bwplugin:ADD"], big.logs
+    assert kv_burst(lab, host_veth(pod)) == 12_500
+    tiny = lab.attach(lab.pod("tiny"), conflist, {"bandwidth": {"egressRate": 1_000_000, "egressBurst": 8}})
+    assert "egress burst 1 B raised to the floor of 6056 B" in tiny.logs["bwplugin:ADD"], tiny.logs
+    plain = lab.attach(lab.pod("plain"), conflist, {"bandwidth": {"egressRate": 10**7, "egressBurst": 100_000}})
+    assert "burst" not in plain.logs["bwplugin:ADD"], plain.logs
+
+
+def kv_burst(lab: Lab, dev: str) -> int:
+    """The TBF's bucket in bytes, read with tc -j (not bwplugin's reader)."""
+    (q,) = [q for q in json.loads(lab.run(lab.node, "tc", "-j", "qdisc", "show", "dev", dev).stdout) if q.get("root")]
+    return int(q["options"]["burst"])
+
+
 def test_egress_only(lab: Lab) -> None:
     pod = lab.pod("a")
     att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=3_000_000))

@@ -131,6 +131,7 @@ class Attachment:
     runtime_config: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)  # "<type>:<command>" -> the plugin's stderr
 
     def _run(self, plugin: dict[str, Any], command: str, prev: dict[str, Any] | None) -> Invocation:
         conf = plugin_conf(self.conflist, plugin, prev, self.runtime_config)
@@ -139,6 +140,7 @@ class Attachment:
         )
         self.timings[f"{plugin['type']}:{command}"] = inv.seconds
         self.timings[f"{plugin['type']}:{command}:cpu"] = inv.cpu_seconds
+        self.logs[f"{plugin['type']}:{command}"] = inv.stderr
         if inv.rc != 0:
             raise PluginFailed(plugin["type"], command, inv.rc, _maybe_json(inv.stdout), inv.stderr)
         return inv

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from ..cni import settings
+
 NETLINK_ROUTE = 0
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
@@ -231,6 +233,9 @@ class Netlink:
     def __init__(self, sock: socket.socket | None = None) -> None:
         self.sock = sock or _new_socket()
         self.seq = 0
+        # the kernel's extended-ACK messages on requests that succeeded (HTB's "quantum
+        # of class is big", say): kept in order and logged, never silently dropped
+        self.warnings: list[str] = []
 
     @classmethod
     def in_netns(cls, path: str) -> Netlink:
@@ -279,13 +284,16 @@ class Netlink:
                     return
                 if mtype == NLMSG_ERROR:
                     err = -struct.unpack_from("=i", payload)[0]
-                    if err == 0:
-                        return
                     msg = ""
                     if flags & NLM_F_ACK_TLVS:
                         # with NETLINK_CAP_ACK the echoed request is its header only
                         tlvs = parse_attrs(payload[4 + _NLMSGHDR.size :])
                         msg = attr_str(tlvs, NLMSGERR_ATTR_MSG) or ""
+                    if err == 0:
+                        if msg:
+                            self.warnings.append(f"{what}: {msg}")
+                            settings.log(f"kernel warning on {what}: {msg}")
+                        return
                     raise NetlinkError(err, msg, what)
                 yield mtype, payload
                 if not flags & NLM_F_MULTI:
