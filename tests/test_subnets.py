@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import struct
 import subprocess
 import time
@@ -157,6 +158,41 @@ def test_subnets_from_runtime_config_and_bad_subnets(lab: Lab) -> None:
         err = json.loads(inv.stdout)
         assert (inv.rc, err["code"]) == (1, 7) and needle in err["msg"], err
     assert view(lab.node).ifbs() == []
+
+
+@pytest.mark.parametrize("key", ["shapedSubnets", "unshapedSubnets"])
+def test_packets_that_are_not_ip_take_the_default_class(lab1: Lab, key: str) -> None:
+    """docs/configuration.md: ARP (not IP) takes the default class, unshaped with
+    shapedSubnets and shaped with unshapedSubnets, while IP follows the list. The pod
+    pings a peer named in the list after its neighbour cache is flushed: the ICMP
+    requests land in the listed class, the ARP request for its gateway in the other
+    one; counted by HTB's own class counters on the ifb, read with tc (its text: this
+    tc has no JSON for classes; IPv6 is off in the pod, so nothing else of it is sent)."""
+    lab = lab1
+    conflist = lab.conflist(shaper())
+    peer, pod = lab.pod("peer"), lab.pod("a")
+    lab.attach(peer, conflist)
+    lab.run(pod.netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+    att = lab.attach(pod, lab.conflist(shaper(**{key: [f"{peer.ip}/32"]})), bandwidth(egress=RATE))
+    ifb = att.result["interfaces"][-1]["name"]
+    assert ifb.startswith("bwpl"), att.result
+
+    def classes() -> dict[str, tuple[int, int]]:
+        out = lab.run(lab.node, "tc", "-s", "class", "show", "dev", ifb).stdout
+        found = re.findall(r"^class htb (\S+) .*?\n Sent (\d+) bytes (\d+) pkt", out, re.M | re.S)
+        return {handle: (int(pkts), int(size)) for handle, size, pkts in found}
+
+    lab.run(pod.netns, "ip", "neigh", "flush", "all")
+    before = classes()
+    count, payload = 5, 1000
+    lab.run(pod.netns, "ping", "-c", str(count), "-i", "0.2", "-s", str(payload), "-q", peer.ip)
+    after = classes()
+    delta = {h: (after[h][0] - before[h][0], after[h][1] - before[h][1]) for h in after}
+    listed, default = ("b0d0:1", "b0d0:2") if key == "shapedSubnets" else ("b0d0:2", "b0d0:1")
+    frame = 14 + 20 + 8 + payload  # Ethernet, IPv4, ICMP, payload
+    assert delta[listed] == (count, count * frame), delta
+    arp_packets, arp_bytes = delta[default]
+    assert arp_packets >= 1 and arp_bytes == 42 * arp_packets, delta  # ARP over Ethernet: 42 bytes unpadded
 
 
 def test_htb_gets_no_kernel_warnings_and_one_would_be_seen(lab: Lab) -> None:
