@@ -21,7 +21,7 @@ def test_bench_smoke_profile_writes_json_markdown_and_png(tmp_path: Path) -> Non
     for section in ("accuracy", "bursts", "latency", "fairness", "subnets"):
         assert {row["plugin"] for row in doc[section]} == {"bwplugin", "reference"}, section
     costed = {row["plugin"] for row in doc["cost"] if "del_ms" in row}
-    assert costed == {"bwplugin (agent)", "bwplugin (no agent)", "reference"}
+    assert costed == {"bwplugin (agent)", "bwplugin (forwarder)", "bwplugin (no agent)", "reference"}
     for row in doc["accuracy"]:
         assert row["wire_bps"] > 0 and 0 < row["wire_ratio"] < 10, row
     for row in doc["bursts"]:

@@ -32,6 +32,7 @@ class CRIClient:
         self.channel = grpc.insecure_channel(f"unix://{socket_path}")
         self.stub = services.RuntimeServiceStub(self.channel)
         self.timeout = timeout
+        self.configs: dict[str, Any] = {}  # sandbox id -> its PodSandboxConfig
 
     def close(self) -> None:
         self.channel.close()
@@ -51,26 +52,9 @@ class CRIClient:
         host_pid: bool = False,
         privileged: bool = False,
     ) -> str:
-        sid, _config = self.run_pod_config(
-            name, namespace, uid, annotations, log_directory, cgroup_parent, host_network, host_pid, privileged
-        )
-        return sid
-
-    def run_pod_config(
-        self,
-        name: str,
-        namespace: str,
-        uid: str,
-        annotations: dict[str, str],
-        log_directory: str,
-        cgroup_parent: str = "",
-        host_network: bool = False,
-        host_pid: bool = False,
-        privileged: bool = False,
-    ) -> tuple[str, Any]:
-        """RunPodSandbox; returns the id and the config (CreateContainer sends it again).
-        host_network/host_pid: the node's namespaces, as the kubelet asks for a pod
-        with hostNetwork/hostPID; privileged: the pod has a privileged container."""
+        """RunPodSandbox. host_network/host_pid: the node's namespaces, as the kubelet
+        asks for a pod with hostNetwork/hostPID; privileged: the pod has a privileged
+        container. The config is kept in `configs` (CreateContainer sends it again)."""
         node, pod = protos.NamespaceMode.Value("NODE"), protos.NamespaceMode.Value("POD")
         options = protos.NamespaceOption(network=node if host_network else pod, pid=node if host_pid else pod)
         config = protos.PodSandboxConfig(
@@ -85,7 +69,8 @@ class CRIClient:
             ),
         )
         reply = self.stub.RunPodSandbox(protos.RunPodSandboxRequest(config=config), timeout=self.timeout)
-        return str(reply.pod_sandbox_id), config
+        self.configs[str(reply.pod_sandbox_id)] = config
+        return str(reply.pod_sandbox_id)
 
     def status(self, sandbox_id: str) -> tuple[Any, dict[str, Any]]:
         """The sandbox's status and the runtime's verbose info (decoded JSON)."""

@@ -278,11 +278,12 @@ class DaemonSetRunner:
         logs = self.ctrd.dir / "logs" / f"{t.name}-{secrets.token_hex(3)}"
         logs.mkdir(parents=True)
         uid = f"{self.ctrd.tag}-{secrets.token_hex(8)}"
-        sid, config = self.cri.run_pod_config(
+        sid = self.cri.run_pod(
             f"{t.name}-{self.node_name}", t.namespace, uid, {}, str(logs), cgroup_parent=f"/{self.ctrd.name}",
             host_network=t.host_network, host_pid=t.host_pid,
             privileged=any(c.privileged for c in t.init_containers + t.containers),
         )  # fmt: skip
+        config = self.cri.configs[sid]
         pod = DaemonPod(sid, config, {}, {})
         self.pods.append(pod)
         for spec in t.init_containers:
