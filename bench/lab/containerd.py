@@ -191,6 +191,7 @@ class Containerd:
         self.proc: subprocess.Popen[bytes] | None = None
         self.agent_proc: subprocess.Popen[bytes] | None = None
         self.sandboxes: dict[str, Sandbox] = {}
+        self.created: list[str] = []  # every sandbox id this lab made (for the result cache)
         self.cri: CRIClient | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -374,6 +375,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         )
         sandbox = self.cri.sandbox(sid)
         self.sandboxes[sid] = sandbox
+        self.created.append(sid)
         return sandbox
 
     def remove_pod(self, sandbox: Sandbox) -> None:
@@ -532,6 +534,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 pin.unlink()
             os.rmdir(self.pins)
         shutil.rmtree(self.dir, ignore_errors=True)
+        # libcni's cached results of our own sandboxes (our network's and containerd's
+        # loopback), which a DEL that failed (a test that failed with its agent down,
+        # say) leaves behind: ours by the sandbox id, which only this containerd made
+        for sid in self.created:
+            for cached in Path(CNI_CACHE, "results").glob(f"*-{sid}-*"):
+                cached.unlink(missing_ok=True)
         for made in getattr(self, "made_dirs", []):
             for d in sorted(Path(made).glob("*"), reverse=True) + [Path(made)]:
                 with contextlib.suppress(OSError):
