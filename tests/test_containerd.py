@@ -48,8 +48,12 @@ def qdiscs(c: Containerd, dev: str) -> list[dict]:
 
 
 def map_entries(c: Containerd, name: str) -> list:
+    return pinned_map_entries(Path(str(c.pins)), name)
+
+
+def pinned_map_entries(pins: Path, name: str) -> list:
     """A pinned map's entries, dumped by bpftool (not bwplugin's own reader)."""
-    path = Path(str(c.pins)) / name
+    path = pins / name
     if not path.exists():
         return []
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(path)], capture_output=True, text=True)

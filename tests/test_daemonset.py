@@ -43,7 +43,8 @@ from bench.lab.daemonset import (
 
 from .fake_apiserver import FakeAPIServer, pod_object
 from .oracle import link_pins
-from .test_containerd import node_links, qdiscs
+from .test_containerd import node_links, pinned_map_entries, qdiscs
+from .test_watch import rate as tbf_rate
 
 pytestmark = pytest.mark.kernel
 
@@ -117,21 +118,11 @@ def node(images: Images) -> Iterator[Node]:
             runner.close()
 
 
-def map_entries(pins: Path, name: str) -> list:
-    """A pinned map's entries, dumped by bpftool (not bwplugin's reader)."""
-    path = pins / name
-    if not path.exists():
-        return []
-    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 def assert_no_pod_state(n: Node) -> None:
     """Only the DaemonSet's own pod runs; no veth, ifb, map entry, link or IP is left."""
     assert set(node_links(n.ctrd)) == {"lo"}, node_links(n.ctrd)
     for name in ("attach_v3", "subnets_v3", "pods_v3", "shaping_v3", "tcx_v3"):
-        assert map_entries(n.pins, name) == [], name
+        assert pinned_map_entries(n.pins, name) == [], name
     assert link_pins(str(n.pins)) == []
     assert n.ctrd.cri is not None and n.ctrd.cri.list_pods() == [n.pod.sandbox]
     ipam = n.ctrd.dir / "ipam" / "bwpt-pods"
@@ -226,15 +217,7 @@ def test_annotated_pods_are_shaped_through_the_containerized_agent(node: Node) -
 
 
 def _restart_agent(n: Node, attempt: int) -> None:
-    """The kubelet's restart of a crashed container: a new attempt in the same pod."""
-    spec = next(c for c in TEMPLATE.containers if c.name == "agent")
-    old = n.pod.containers["agent"]
-    cri = n.runner.cri
-    logs = Path(n.pod.config.log_directory)
-    cid = cri.create_container(n.pod.sandbox, n.pod.config, n.runner._config(spec, "", attempt, logs))
-    cri.remove_container(old)
-    cri.start_container(cid)
-    n.pod.containers["agent"] = cid
+    n.runner.restart(n.pod, "agent", attempt)
     n.runner.wait_ready(n.pod, 60)
 
 
@@ -399,10 +382,3 @@ def test_the_annotation_watch_runs_in_the_container_on_in_cluster_config(images:
             assert_no_pod_state(n)
         finally:
             runner.close()
-
-
-def tbf_rate(c: Containerd, dev: str) -> int | None:
-    for q in qdiscs(c, dev):
-        if q.get("root") and q["kind"] == "tbf":
-            return int(q["options"]["rate"]) * 8
-    return None

@@ -15,16 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.lab.lab import build_forwarder
 from bwplugin.node.agent import decode_request, encode_reply
-
-SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "forwarder.c"
 
 
 @pytest.fixture(scope="module")
 def forwarder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    exe = tmp_path_factory.mktemp("bwpt-forwarder") / "bwplugin"
-    subprocess.run(["gcc", "-static", "-Os", "-s", "-Wall", "-Werror", "-o", str(exe), str(SOURCE)], check=True)
-    return exe
+    return build_forwarder(tmp_path_factory.mktemp("bwpt-forwarder") / "bwplugin")
 
 
 def run(exe: Path, command: str, stdin: bytes, env: dict[str, str]) -> tuple[int, dict, str, float]:

@@ -23,7 +23,6 @@ are relocated with it; nothing else of the manifest is changed."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import time
@@ -300,6 +299,15 @@ class DaemonSetRunner:
         self.wait_ready(pod, ready_timeout)
         return pod
 
+    def restart(self, pod: DaemonPod, name: str, attempt: int) -> None:
+        """The kubelet's restart of a crashed container: a new attempt in the same pod."""
+        spec = next(c for c in self.template.containers if c.name == name)
+        logs = Path(pod.config.log_directory)
+        cid = self.cri.create_container(pod.sandbox, pod.config, self._config(spec, "", attempt, logs))
+        self.cri.remove_container(pod.containers[name])
+        self.cri.start_container(cid)
+        pod.containers[name] = cid
+
     def _wait_exited(self, cid: str, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         while True:
@@ -367,9 +375,9 @@ def exec_json(runner: DaemonSetRunner, pod: DaemonPod, *argv: str) -> Any:
 
 
 def host_env(runner: DaemonSetRunner) -> dict[str, str]:
-    """The environment of a person on the node, with the lab's relocated paths."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BWPLUGIN_", "CNI_"))}
-    env["BWPLUGIN_AGENT_SOCKET"] = str(runner.paths.root / "run/bwplugin/agent.sock")
+    """The environment of a person on the node (containerd's, dialling the agent's
+    relocated socket), with the pins and run dir where the agent keeps them."""
+    env = runner.ctrd.env()
     env["BWPLUGIN_PIN_DIR"] = str(runner.paths.bpffs / "bwplugin")
     env["BWPLUGIN_RUN_DIR"] = str(runner.paths.root / "run/bwplugin")
     return env

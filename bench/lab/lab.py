@@ -33,12 +33,21 @@ PREFIX = "bwpt"
 REFERENCE_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 NETNS_DIR = "/run/netns"
 CONTAINERD_BURST = 4294967295  # bits: what containerd sends for both bursts
+FORWARDER_SOURCE = Path(__file__).resolve().parent.parent.parent / "deploy" / "forwarder.c"
 # Python run first in every plugin process and agent the lab starts: the tests put
 # their fault hooks here (tests/faults.py), so that the product carries none
-FORWARDER_SOURCE = Path(__file__).resolve().parent.parent.parent / "deploy" / "forwarder.c"
 PRELUDE = ""
 LAUNCH = "from bwplugin.node.client import main"
 AGENT = "from bwplugin.node.agent import main; raise SystemExit(main())"
+
+
+def build_forwarder(out: Path) -> Path:
+    """deploy/forwarder.c, compiled as deploy/build-image.sh compiles it."""
+    subprocess.run(
+        ["gcc", "-static", "-Os", "-s", "-Wall", "-Werror", "-o", str(out), str(FORWARDER_SOURCE)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return out
 
 
 def runtime_bandwidth(ingress: int = 0, egress: int = 0, burst: int = CONTAINERD_BURST) -> dict[str, Any]:
@@ -158,10 +167,7 @@ class Lab:
         fwd = self.tmp / "bin-forwarder"
         if not (fwd / "bwplugin").exists():
             fwd.mkdir(exist_ok=True)
-            subprocess.run(
-                ["gcc", "-static", "-Os", "-s", "-o", str(fwd / "bwplugin"), str(FORWARDER_SOURCE)],
-                check=True, capture_output=True,
-            )  # fmt: skip
+            build_forwarder(fwd / "bwplugin")
         return fwd
 
     def start_agent(self, *extra: str) -> None:
