@@ -4,9 +4,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # the tests also run a real Prometheus (each its own private instance) and build the
-# DaemonSet image (mmdebstrap, umoci). Note: on a machine
+# DaemonSet image (mmdebstrap, umoci), and drive the lab's chains through the real libcni
+# (Go and Debian's libcni source, built by the tests). Note: on a machine
 # with systemd, Debian's prometheus package also starts its own service when installed.
-SETUP_EXTRA_PACKAGES="prometheus mmdebstrap umoci openssl" source "$ROOT/scripts/setup.sh"
+SETUP_EXTRA_PACKAGES="prometheus mmdebstrap umoci openssl golang-go golang-github-appc-cni-dev" source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 ruff check bwplugin tests bench
 ruff format --check bwplugin tests bench

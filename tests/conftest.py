@@ -15,6 +15,9 @@ import pytest
 from bench.lab import lab as lab_module
 from bench.lab.lab import Lab, remove_pin_dir
 from bench.lab.lab import runtime_bandwidth as bandwidth  # noqa: F401 (re-exported to tests)
+from bench.lab.libcni import build_driver
+
+from . import leaks
 
 REQUIRE = os.environ.get("BWPLUGIN_REQUIRE_KERNEL") == "1"
 # every plugin process and agent the lab starts gets the tests' fault hooks
@@ -32,6 +35,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+PIN_LEFTOVERS: list[str] = []  # what private_pins found in the session's maps before removing them
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks_at_session_end() -> Iterator[None]:
+    """Defined first, so it is set up first and torn down last: after every other
+    fixture, every lab and every runtime is gone, nothing the session made may be
+    left (netns, links, qdiscs, processes, mounts, dirs, pins, map entries, libcni
+    cache), as tools independent of bwplugin count it."""
+    if os.geteuid() != 0:
+        yield
+        return
+    before = leaks.take(None)
+    yield
+    left = leaks.take(None).new_since(before) + PIN_LEFTOVERS
+    assert not left, "the test session left these behind:\n  " + "\n  ".join(left)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_pins() -> Iterator[None]:
     """One private bpffs pin directory for the session: the program compiles once,
@@ -46,8 +67,31 @@ def private_pins() -> Iterator[None]:
     try:
         yield
     finally:
+        PIN_LEFTOVERS.extend(i for i in leaks.take(path).items if i.startswith(("pinned link", "map ")))
         remove_pin_dir(os.environ.pop("BWPLUGIN_PIN_DIR"))
         shutil.rmtree(os.environ.pop("BWPLUGIN_RUN_DIR"), ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_libcni() -> Iterator[None]:
+    """The lab's chains run through the real libcni (bench/lab/cnidriver, on Debian's
+    golang-github-appc-cni-dev), built once per session; without Go they would fall
+    back to the emulation, which CI does not allow."""
+    if os.geteuid() != 0:
+        yield
+        return
+    out = tempfile.mkdtemp(prefix="bwpt-cnidriver-")
+    try:
+        try:
+            lab_module.DRIVER = build_driver(out)
+        except (OSError, RuntimeError) as exc:
+            if REQUIRE:
+                raise
+            print(f"the real libcni is not available ({exc}): the lab emulates it")
+        yield
+    finally:
+        lab_module.DRIVER = None
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture(params=["in-process", "agent"])

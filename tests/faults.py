@@ -81,3 +81,12 @@ def install() -> None:
     Netlink.create_link = _after(Netlink.create_link, _point_of_create)  # type: ignore[method-assign]
     add.tc = SimpleNamespace(**{**vars(tc), "add_bpf_filter": _after(tc.add_bpf_filter, _point_of_filter)})  # type: ignore[assignment]
     add.tcx = SimpleNamespace(**{**vars(tcx), "attach": _after(tcx.attach, _point_of_tcx)})  # type: ignore[assignment]
+    # "redirect-ignored": the once-per-boot redirect probe sends its frames through a
+    # program that never redirects, so they never reach its ifb, as on a kernel
+    # before 6.4; the decision that follows (act_mirred) is the product's own
+    real_probe = probe.redirect_honoured
+
+    def redirect_honoured(progs: Any, program: str = "bwp_from_pod") -> bool:
+        return real_probe(progs, "bwp_to_pod" if spec() == "redirect-ignored" else program)
+
+    probe.redirect_honoured = redirect_honoured

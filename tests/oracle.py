@@ -3,7 +3,9 @@ bwplugin's own netlink code, so the tests do not grade their own homework."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,9 +134,6 @@ def link_pins(pin_dir: str | None = None) -> list[str]:
 
 def filter_actions(netns: str, dev: str) -> list[str]:
     """Action kinds on a device's clsact-ingress filters, as tc(8) reports them."""
-    import json
-    import subprocess
-
     out = subprocess.run(
         ["nsenter", f"--net={netns}", "tc", "-j", "filter", "show", "dev", dev, "ingress"],
         capture_output=True, text=True, check=True,
@@ -156,10 +155,8 @@ def tcx_chain(netns: str, dev: str, hook: str) -> list[str]:
     bpf(BPF_PROG_QUERY) made here (bpftool 7.1 predates TCX), independent of
     bwplugin's libbpf wrappers, and names from bpftool."""
     import ctypes
-    import json
     import socket
     import struct
-    import subprocess
     import threading
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -211,3 +208,13 @@ def settled_tcx_chain(netns: str, dev: str, hook: str, timeout: float = 5.0) -> 
         time.sleep(0.05)
         names = tcx_chain(netns, dev, hook)
     return names
+
+
+def pinned_ids(name: str, pin_dir: str | None = None) -> set[int]:
+    """The u32 keys (attachment ids) of a pinned map, dumped by bpftool rather than
+    read with bwplugin's own bpf code."""
+    path = os.path.join(pin_dir or os.environ.get("BWPLUGIN_PIN_DIR", "/sys/fs/bpf/bwplugin"), name)
+    if not os.path.exists(path):
+        return set()
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", path], capture_output=True, text=True, check=True)
+    return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little") for e in json.loads(out.stdout)}

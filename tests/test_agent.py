@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bench.lab.lab import Lab
+from bench.lab.lab import Lab, Pod
 from bench.lab.libcni import (
     PluginFailed,
     plugin_conf,
@@ -128,15 +130,58 @@ def test_framing_roundtrip_carries_the_cni_protocol_only() -> None:
 
 
 def test_del_answers_before_the_ifb_is_released_then_releases_it(agent_lab: Lab) -> None:
+    """Through the agent, DEL answers once the attachment is inert, and the ifb
+    device goes just after. To tell that from a synchronous DEL, 8 DELs run at once:
+    right after all have answered, some ifbs must still exist (a synchronous DEL
+    would have deleted each before answering), and then all go."""
     lab = agent_lab
-    pod = lab.pod("a")
-    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
-    veth = next(i["name"] for i in att.result["interfaces"] if i["name"].startswith("veth"))
-    inv = lab.exec_shaper("DEL", pod, plugin_conf(att.conflist, shaper(), att.result, att.runtime_config))
-    assert (inv.rc, inv.stdout) == (0, "")
+    conflist = lab.conflist(shaper())
+    pods = [lab.pod(f"d{i}") for i in range(8)]
+    for pod in pods:
+        lab.attach(pod, conflist, bandwidth(egress=10_000_000))
+    veths = [next(i["name"] for i in p.attachment.result["interfaces"] if i["name"].startswith("veth")) for p in pods]
+
+    def delete(pod: Pod) -> tuple[int, str]:
+        att = pod.attachment
+        assert att is not None
+        inv = lab.exec_shaper("DEL", pod, plugin_conf(att.conflist, shaper(), att.result, att.runtime_config))
+        return inv.rc, inv.stdout
+
+    with ThreadPoolExecutor(len(pods)) as pool:
+        answers = list(pool.map(delete, pods))
     kv = view(lab.node)
-    assert kv.filters.get(veth) is None and not kv.has_clsact(veth)  # inert at once
-    assert settled_ifbs(lab.node) == []  # and the device goes right after
+    assert answers == [(0, "")] * len(pods)
+    assert kv.ifbs(), "every ifb was already gone when the DELs answered: nothing was deferred"
+    for veth in veths:  # inert at once
+        assert kv.filters.get(veth) is None and not kv.has_clsact(veth)
+    assert settled_ifbs(lab.node) == []  # and the devices go right after
+
+
+def test_sigterm_drains_the_ifb_releases_still_pending(agent_lab: Lab) -> None:
+    """DEL through the agent answers before the ifb device goes (its deletion waits
+    for RCU); SIGTERM must still delete every one pending. 16 concurrent DELs leave
+    releases queued behind them; the agent is stopped the moment the last answers."""
+    lab = agent_lab
+    conflist = lab.conflist(shaper())
+    pods = [lab.pod(f"p{i}") for i in range(16)]
+    for pod in pods:
+        lab.attach(pod, conflist, bandwidth(egress=10_000_000))
+    assert len(view(lab.node).ifbs()) == 16
+
+    def delete(pod: Pod) -> tuple[int, str]:
+        att = pod.attachment
+        assert att is not None
+        inv = lab.exec_shaper("DEL", pod, plugin_conf(att.conflist, shaper(), att.result, att.runtime_config))
+        return inv.rc, inv.stdout
+
+    with ThreadPoolExecutor(len(pods)) as pool:
+        answers = list(pool.map(delete, pods))
+    pending = view(lab.node).ifbs()
+    lab.stop_agent(signal.SIGTERM)
+    assert answers == [(0, "")] * len(pods)
+    assert pending, "every ifb was gone before SIGTERM: nothing was left to drain"
+    assert view(lab.node).ifbs() == [], f"{len(pending)} pending at SIGTERM"
+    lab.start_agent()  # for the chains' own DEL at teardown
 
 
 def test_restarted_agent_sweeps_ifbs_a_crash_left_unreleased(agent_lab: Lab) -> None:

@@ -14,7 +14,7 @@ from bench.run import run
 pytestmark = pytest.mark.kernel
 
 
-def test_bench_smoke_profile_writes_json_markdown_and_png(tmp_path: Path) -> None:
+def test_bench_smoke_weak_by_design_only_runs_every_section_and_writes_its_reports(tmp_path: Path) -> None:
     result = run("smoke", tmp_path)
     doc = json.loads((tmp_path / "smoke.json").read_text())
     assert doc["meta"]["profile"] == "smoke" and doc["meta"]["kernel"]

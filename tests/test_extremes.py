@@ -12,7 +12,7 @@ import pytest
 
 from bench.lab.lab import Lab
 
-from .conftest import host_veth, shaper
+from .conftest import bandwidth, host_veth, shaper
 
 pytestmark = pytest.mark.kernel
 
@@ -72,4 +72,50 @@ def test_htb_bucket_at_the_32_bit_limit_is_clamped_not_wrapped(lab: Lab, rate: i
     assert held_rate == rate
     wanted = (CONTAINERD_BURST // 8) * 10**9 // (rate // 8) // 64  # the whole burst, in 64 ns ticks
     assert ticks == min(wanted, 2**32 - 1), (ticks, wanted)  # clamped where it would wrap
+    lab.remove_pod(pod)
+
+
+# (rate bit/s, then what the kernel must hold, worked out by hand from docs/configuration.md
+# with the default policy (latencyMs 25, maxBurstMs 10) and containerd's 2^32-1-bit burst:
+# bytes/s, the bucket (10 ms of the rate, at least 64 KiB above ~52 Mbit/s), the queue
+# (25 ms of the rate, at least 16 frames and two GSO packets). Every bucket here is 10 ms:
+# 156,250 ticks of 64 ns
+READ_BACK = [
+    (10_000_000, 1_250_000, 12_500, 31_250),
+    (5_000_000_000, 625_000_000, 6_250_000, 15_625_000),
+    (40_000_000_000, 5_000_000_000, 50_000_000, 125_000_000),  # above 2^32-1 B/s: TCA_TBF_RATE64
+]
+
+
+@pytest.mark.parametrize("rate, rate_bytes, bucket, limit", READ_BACK)
+def test_tbf_rate_bucket_and_queue_read_back_exactly_in_both_directions(
+    lab: Lab, rate: int, rate_bytes: int, bucket: int, limit: int
+) -> None:
+    pod = lab.pod(f"r{len(lab.pods)}")
+    att = lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=rate, egress=rate))
+    ifb = att.result["interfaces"][-1]["name"]
+    for dev in (host_veth(pod), ifb):
+        (q,) = json.loads(lab.run(lab.node, "tc", "-j", "-raw", "qdisc", "show", "dev", dev, "root").stdout)
+        assert q["kind"] == "tbf" and q["options"]["rate"] == rate_bytes, (dev, q)
+        # the bucket as the kernel holds it, in 64 ns ticks (10 ms = 156,250; the kernel's
+        # rate maths may round one down); tc's own "burst" re-derives bytes through its
+        # tick rounding (6,249,375 B for 6,250,000 at 5 Gbit/s)
+        assert bucket * 10**9 // rate_bytes == 10_000_000
+        assert int(q["options"]["burst_raw"], 16) in (156_249, 156_250), (dev, q)
+        assert q["options"]["limit"] == limit, (dev, q)
+    lab.remove_pod(pod)
+
+
+def test_htb_leaf_fifos_read_back_in_subnet_mode(lab: Lab) -> None:
+    """Subnet mode at 10 Mbit/s: the shaped class's bfifo holds two 64 KiB GSO
+    packets with their headers (2 x 67,050 B), more than 25 ms of the rate
+    (HTB does not segment); the unshaped class's holds 4 MiB."""
+    pod = lab.pod(f"f{len(lab.pods)}")
+    att = lab.attach(pod, lab.conflist(shaper(unshapedSubnets=["10.99.0.0/16"])), bandwidth(ingress=10_000_000))
+    att.check()
+    leaves = json.loads(lab.run(lab.node, "tc", "-j", "qdisc", "show", "dev", host_veth(pod)).stdout)
+    limits = {
+        q["parent"]: (q["kind"], q["options"]["limit"]) for q in leaves if q.get("parent", "").startswith("b0d0:")
+    }
+    assert limits == {"b0d0:1": ("bfifo", 134_100), "b0d0:2": ("bfifo", 4 * 1024 * 1024)}, limits
     lab.remove_pod(pod)

@@ -5,12 +5,19 @@ names a path that does not exist, so no input can reach a real interface."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from bench.lab.lab import Lab, Pod
 from bwplugin import cli
+
+from .conftest import bandwidth as runtime_bandwidth
+from .conftest import host_veth, shaper
+from .oracle import view
 
 KNOWN_CODES = {1, 2, 3, 4, 5, 6, 7, 11, 50, 100, 101, 102, 103, 104, 105}
 NO_NETNS = "/nonexistent/bwpt-netns"
@@ -109,3 +116,68 @@ def test_any_config_and_env_gets_a_spec_answer(command: str, cid: str, ifname: s
 def test_any_bytes_on_stdin_get_a_spec_answer(raw: bytes) -> None:
     env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c", "CNI_IFNAME": "eth0", "CNI_NETNS": NO_NETNS}
     check(*cli.run(env, raw))
+
+
+# ---------------------------------------------------------------- DEL, GC and STATUS on a real node
+
+VICTIM_NET = "bwpt-net"
+gc_lists = st.one_of(
+    st.lists(
+        st.fixed_dictionaries(
+            {}, optional={"containerID": st.one_of(container_ids, numbers), "ifname": st.one_of(ifnames, numbers)}
+        ),
+        max_size=5,
+    ),
+    json_values,
+)
+
+
+@pytest.fixture(params=["in-process", "agent"])
+def victim(request: pytest.FixtureRequest) -> Iterator[tuple[Lab, Pod]]:
+    """A lab node with one shaped pod that no hostile request below names."""
+    with Lab(agent=request.param == "agent") as lab:
+        pod = lab.pod("victim")
+        lab.attach(
+            pod, lab.conflist(shaper(), name=VICTIM_NET), runtime_bandwidth(ingress=10_000_000, egress=10_000_000)
+        )
+        yield lab, pod
+
+
+def _env_safe(text: str) -> bool:
+    return (
+        "\0" not in text
+        and "=" not in text[:1]
+        and text.encode("utf-8", "surrogatepass") == text.encode("utf-8", "ignore")
+    )
+
+
+@pytest.mark.kernel
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    command=st.sampled_from(["DEL", "GC", "STATUS"]),
+    cid=container_ids,
+    ifname=ifnames,
+    conf=st.one_of(configs, json_values),
+    gc_list=gc_lists,
+    where=st.sampled_from(["victim", "missing", "unset"]),
+)
+def test_hostile_del_gc_and_status_answer_and_harm_nothing_they_do_not_name(
+    victim: tuple[Lab, Pod], command: str, cid: str, ifname: str, conf: Any, gc_list: Any, where: str
+) -> None:
+    """The installed executable in the lab's node, beside a shaped pod: whatever a
+    DEL, GC or STATUS carries (CNI_NETNS even leading to that pod's netns), the
+    answer is a spec answer, and the pod it does not name stays shaped."""
+    lab, pod = victim
+    assert pod.attachment is not None
+    assume(_env_safe(cid) and _env_safe(ifname) and cid != pod.attachment.container_id)
+    if isinstance(conf, dict):
+        assume(conf.get("name") != VICTIM_NET)  # a GC of the victim's own network may rightly remove it
+        if command == "GC":
+            conf = {**conf, "cni.dev/valid-attachments": gc_list}
+    netns = {"victim": pod.netns, "missing": NO_NETNS, "unset": ""}[where]
+    inv = lab.runtime.exec("bwplugin", command, json.dumps(conf).encode(), container_id=cid, netns=netns, ifname=ifname)
+    out = json.loads(inv.stdout) if inv.stdout.strip() else None
+    check(inv.rc, out)
+    kv = view(lab.node)
+    veth = host_veth(pod)
+    assert kv.tbf(veth) is not None and len(kv.ifbs()) == 1, (command, conf, kv.qdiscs)

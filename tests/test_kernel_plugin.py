@@ -17,7 +17,7 @@ from bwplugin.datapath.naming import ifb_name, parse_alias
 from bwplugin.datapath.tc import TBF_HANDLE
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import kernel_has_tcx, link_pins, settled_ifbs, tcx_chain, view
+from .oracle import kernel_has_tcx, link_pins, pinned_ids, settled_ifbs, tcx_chain, view
 
 pytestmark = pytest.mark.kernel
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
@@ -268,6 +268,26 @@ def test_del_after_netns_is_gone(lab: Lab) -> None:
     assert link_pins() == []
 
 
+def test_del_with_cni_netns_unset_cleans_by_the_attachment_alone(lab: Lab) -> None:
+    """The spec lets a runtime send DEL without CNI_NETNS (a netns already gone,
+    never made): the attachment is found by container ID, network and ifname."""
+    pod, other = lab.pod("a"), lab.pod("b")
+    conflist = lab.conflist(shaper())
+    lab.attach(pod, conflist, bandwidth(ingress=10_000_000, egress=10_000_000))
+    lab.attach(other, conflist, bandwidth(ingress=20_000_000))
+    veth, ids = host_veth(pod), pinned_ids(f"attach_v{bpf.MAP_LAYOUT}")
+    assert len(ids) == 2
+    for prev in (True, False):  # the runtime's DEL with its cached result, then a retry without one
+        conf = shaper_conf(pod, command_result=prev)
+        inv = lab.runtime.exec("bwplugin", "DEL", conf, container_id=pod.attachment.container_id, ifname="eth0")
+        assert (inv.rc, inv.stdout) == (0, ""), inv.stderr
+    kv = view(lab.node)
+    assert kv.tbf(veth) is None and not kv.has_clsact(veth)
+    assert len(settled_ifbs(lab.node)) == 0  # b is shaped toward the pod only: no ifb of its own
+    assert len(pinned_ids(f"attach_v{bpf.MAP_LAYOUT}")) == 1  # b's entry
+    other.attachment.check()
+
+
 def test_del_with_invalid_bandwidth_config_still_cleans(lab: Lab) -> None:
     pod = lab.pod("a")
     lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
@@ -480,8 +500,8 @@ def test_status_and_version(lab: Lab) -> None:
 
 def test_traffic_is_shaped_both_directions(lab: Lab) -> None:
     """UDP sent at 1.5x the rate keeps the shaper backlogged: the wire rate must be the
-    configured rate. TCP must never exceed it; below it, TCP against a tail-drop queue
-    may lose a little to loss recovery (a rare retransmit timeout), so that side is looser."""
+    configured rate. TCP must hold it too: within 3 % on the wire and 4 % in goodput
+    (measured 0.986-1.019 over 12 runs), and never 2 % above it on the wire."""
     conflist = lab.conflist(shaper())
     peer, pod = lab.pod("peer"), lab.pod("a")
     lab.attach(peer, conflist)
@@ -497,9 +517,89 @@ def test_traffic_is_shaped_both_directions(lab: Lab) -> None:
         with Sampler(lab.node, [dev]) as s:
             result = lab.iperf(pod, peer, seconds=3, reverse=direction == "ingress")
         wire = s.steady_rate(dev) / rate
-        assert 0.85 < wire < 1.02, (direction, "tcp wire", wire)
         goodput = iperf_goodput(result) / (rate * TCP_GOODPUT_CEILING)
-        assert 0.85 < goodput < 1.04, (direction, "tcp goodput / ceiling", goodput)
+        assert 0.97 < wire < 1.02, (direction, "tcp wire", wire)
+        assert 0.96 < goodput < 1.04, (direction, "tcp goodput / ceiling", goodput)
+
+
+def test_a_jumbo_mtu_pod_passes_full_frames_and_is_shaped_both_ways(lab: Lab) -> None:
+    """ptp with MTU 9000: TBF never sends a packet bigger than its bucket, so the
+    buckets and the ifb must take a full jumbo frame (pinged with DF set), and the
+    rate holds with jumbo datagrams, as the receiver counts them."""
+    rate = 50_000_000
+    conflist = lab.conflist(shaper(), mtu=9000)
+    peer, pod = lab.pod("peer"), lab.pod("jumbo")
+    lab.attach(peer, conflist)
+    att = lab.attach(pod, conflist, bandwidth(ingress=rate, egress=rate))
+    veth, ifb = host_veth(pod), att.result["interfaces"][-1]["name"]
+    links = {x["ifname"]: x for x in json.loads(lab.run(lab.node, "ip", "-j", "link", "show").stdout)}
+    assert links[veth]["mtu"] == 9000 and links[ifb]["mtu"] >= 9000, (links[veth]["mtu"], links[ifb]["mtu"])
+    for dev in (veth, ifb):
+        (tbf,) = [q for q in json.loads(lab.run(lab.node, "tc", "-j", "qdisc", "show", "dev", dev).stdout)
+                  if q["kind"] == "tbf"]  # fmt: skip
+        assert tbf["options"]["burst"] >= 9014, (dev, tbf)  # one whole frame fits the bucket
+    lab.run(pod.netns, "ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "do", "-s", "8972", peer.ip)
+    lab.run(peer.netns, "ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "do", "-s", "8972", pod.ip)
+    lab.iperf_server(peer)
+    ceiling = 8000 / (8000 + 8 + 20 + 14)  # one 8000-byte datagram per jumbo frame
+    for reverse in (False, True):
+        result = lab.iperf(pod, peer, seconds=3, reverse=reverse, udp_rate=rate * 3 // 2, udp_length=8000)
+        goodput = iperf_goodput(result) / (rate * ceiling)
+        assert abs(goodput - 1) < 0.03, ("ingress" if reverse else "egress", goodput)
+
+
+def entry_container_id(map_name: str, attach_id: int) -> str:
+    """The container ID in an attach map entry, looked up by bpftool (struct bwp_val:
+    the ID's 128 bytes start at offset 112)."""
+    path = os.path.join(os.environ["BWPLUGIN_PIN_DIR"], map_name)
+    key = [str(b) for b in attach_id.to_bytes(4, "little")]
+    out = subprocess.run(["bpftool", "-j", "map", "lookup", "pinned", path, "key", *key],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    value = bytes(int(b, 16) for b in json.loads(out)["value"])
+    return value[112:240].split(b"\0", 1)[0].decode()
+
+
+def test_the_attachment_limit_is_a_clear_error_and_a_freed_id_is_found(lab: Lab) -> None:
+    """A node shapes at most 65,535 attachments (skb->tc_classid is 16 bits). With
+    every id taken, ADD answers code 11 and leaves nothing; one id freed, the next
+    ADD gets exactly that one. The map is filled here with placeholder entries."""
+    conflist = lab.conflist(shaper())
+    first = lab.pod("first")
+    lab.attach(first, conflist, bandwidth(egress=10_000_000))
+    name = f"attach_v{bpf.MAP_LAYOUT}"
+    taken = pinned_ids(name)
+    fd = bpf.open_map()
+    assert fd is not None
+    filler = bpf.AttachEntry(0, 0, 0, 0, 0, "bwpt0", f"bwpt-{lab.tag}-filler").pack()
+    free = [i for i in range(1, bpf.MAX_ATTACH + 1) if i not in taken]
+    try:
+        for i in free:
+            bpf.map_update(fd, bpf.attach_key(i), filler, 1)  # BPF_NOEXIST: never over a real entry
+        assert len(pinned_ids(name)) == bpf.MAX_ATTACH
+        full = lab.pod("full")
+        with pytest.raises(PluginFailed) as err:
+            lab.attach(full, conflist, bandwidth(ingress=10_000_000, egress=10_000_000))
+        assert err.value.plugin == "bwplugin" and err.value.error, err.value
+        assert err.value.error["code"] == 11 and "all 65535 attachment ids" in err.value.error["msg"], err.value
+        kv = view(lab.node)
+        firsts = {host_veth(first), first.attachment.result["interfaces"][-1]["name"]}
+        assert kv.ifbs() == [first.attachment.result["interfaces"][-1]["name"]]
+        assert not [d for d, qs in kv.qdiscs.items() if d not in firsts and any(
+            q["kind"] in ("tbf", "clsact", "htb") for q in qs)], kv.qdiscs  # fmt: skip
+        lab.remove_pod(full)
+
+        freed = free[len(free) // 2]
+        bpf.map_delete(fd, bpf.attach_key(freed))
+        again = lab.pod("again")
+        att = lab.attach(again, conflist, bandwidth(ingress=10_000_000))
+        assert entry_container_id(name, freed) == att.container_id
+        att.check()
+    finally:
+        for i in free:
+            raw = bpf.map_lookup(fd, bpf.attach_key(i), bpf.VAL.size)
+            if raw is not None and bpf.AttachEntry.unpack(raw).container_id == f"bwpt-{lab.tag}-filler":
+                bpf.map_delete(fd, bpf.attach_key(i))
+        os.close(fd)
 
 
 def test_unshaped_pod_is_not_limited(lab: Lab) -> None:
@@ -510,3 +610,24 @@ def test_unshaped_pod_is_not_limited(lab: Lab) -> None:
     lab.iperf_server(peer)
     egress = iperf_goodput(lab.iperf(pod, peer, seconds=2))
     assert egress > 100_000_000  # only ingress is shaped: egress runs at veth speed
+
+
+def test_ifb_name_and_alias_follow_the_documented_scheme(lab: Lab) -> None:
+    """docs/design.md's naming, worked out with coreutils' sha256sum rather than
+    bwplugin's own functions: "bwpl" + the first 11 hex digits of
+    sha256(network NUL container-ID NUL ifname), and an alias recording the
+    network's tag, the attachment id, the host veth's ifindex, ifname and ID."""
+    pod = lab.pod("named")
+    att = lab.attach(pod, lab.conflist(shaper(), name="bwpt-named-net"), bandwidth(egress=10_000_000))
+
+    def sha256(data: bytes) -> str:
+        return subprocess.run(["sha256sum"], input=data, capture_output=True, check=True).stdout.split()[0].decode()
+
+    cid = att.container_id
+    expected = "bwpl" + sha256(f"bwpt-named-net\0{cid}\0eth0".encode())[:11]
+    kv = view(lab.node)
+    assert kv.ifbs() == [expected] and att.result["interfaces"][-1]["name"] == expected
+    (attach_id,) = pinned_ids(f"attach_v{bpf.MAP_LAYOUT}")
+    veth_index = kv.links[host_veth(pod)]["index"]
+    tag = sha256(b"bwpt-named-net")[:12]
+    assert kv.links[expected]["alias"] == f"bwplugin net={tag} id={attach_id} host={veth_index} if=eth0 cid={cid}"

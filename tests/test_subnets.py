@@ -255,6 +255,8 @@ def test_big_tcp_gso_packets_fit_the_shaped_htb_leaf(lab1: Lab) -> None:
         wait_dad(lab, slow, pod)
         lab.iperf_server(slow, any_address=True)
         goodput = iperf_goodput(lab.iperf(pod, slow, seconds=3, server_ip=slow.ip6))
-        assert goodput > 0.85 * TCP_GOODPUT_CEILING * RATE, goodput
+        # measured 0.95-0.98 of the IPv4 ceiling (IPv6's is 1.4 % lower; HTB sends
+        # whole 185 KB packets, 148 ms each at the rate, so the flow's edges are coarse)
+        assert goodput > 0.93 * TCP_GOODPUT_CEILING * RATE, goodput
     finally:
         lab.exec_shaper("DEL", pod, {**conf, "prevResult": result})

@@ -37,6 +37,9 @@ FORWARDER_SOURCE = Path(__file__).resolve().parent.parent.parent / "deploy" / "f
 # Python run first in every plugin process and agent the lab starts: the tests put
 # their fault hooks here (tests/faults.py), so that the product carries none
 PRELUDE = ""
+# the real libcni (bench/lab/cnidriver, built by the tests' session fixture); None: the
+# emulation in libcni.py runs every chain
+DRIVER: str | None = None
 LAUNCH = "from bwplugin.node.client import main"
 AGENT = "from bwplugin.node.agent import main; raise SystemExit(main())"
 
@@ -60,8 +63,23 @@ def runtime_bandwidth(ingress: int = 0, egress: int = 0, burst: int = CONTAINERD
     return {"bandwidth": bw}
 
 
+def kubernetes_args(pod: str, container_id: str, namespace: str = PREFIX) -> list[tuple[str, str]]:
+    """CNI_ARGS as containerd's CRI plugin sends them for a pod sandbox."""
+    return [
+        ("IgnoreUnknown", "1"),
+        ("K8S_POD_NAMESPACE", namespace),
+        ("K8S_POD_NAME", pod),
+        ("K8S_POD_INFRA_CONTAINER_ID", container_id),
+        ("K8S_POD_UID", f"{PREFIX}-uid-{container_id}"),
+    ]
+
+
 class IperfError(RuntimeError):
     """iperf3 reported no result (for example: the server was still busy)."""
+
+
+class TeardownError(AssertionError):
+    """A lab's own teardown found a DEL that failed, or something a DEL left behind."""
 
 
 @dataclass
@@ -69,6 +87,7 @@ class Pod:
     name: str
     netns: str
     attachment: Attachment | None = None
+    del_may_fail: bool = False  # a test that broke this pod on purpose: teardown tolerates its DEL failing
 
     @property
     def ip(self) -> str:
@@ -135,7 +154,10 @@ class Lab:
         if self.own_run_dir:
             os.environ["BWPLUGIN_RUN_DIR"] = str(self.tmp / "run")
         private = {k: os.environ[k] for k in ("BWPLUGIN_PIN_DIR", "BWPLUGIN_RUN_DIR")}
-        self.runtime = Runtime([str(self.bin_dir)], node_netns=self.node, extra_env=dict(private))
+        self.runtime = Runtime(
+            [str(self.bin_dir)], node_netns=self.node, extra_env=dict(private),
+            driver=DRIVER, cache_dir=str(self.tmp / "cni-cache"),
+        )  # fmt: skip
         self.agent_socket = str(self.tmp / "agent" / "agent.sock")
         try:
             if self.use_agent:
@@ -205,16 +227,27 @@ class Lab:
             self.agent = None
 
     def __exit__(self, *exc: object) -> None:
+        """Removes everything, even after a failure. When the test itself passed,
+        a teardown DEL that failed (of a pod not marked `del_may_fail`) or a map
+        entry that the DELs left behind fails it: a DEL is never hidden here."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
+        problems: list[str] = []
+        tolerant = any(p.del_may_fail for p in self.pods)
         for pod in reversed(self.pods):
             if pod.attachment is not None:  # even a failed ADD gets its DEL, as runtimes do
-                with contextlib.suppress(Exception):
+                try:
                     pod.attachment.delete()
-        self.stop_agent()
-        self._purge_map_entries()
+                except Exception as err:  # noqa: BLE001 (reported below, after the cleanup)
+                    if not pod.del_may_fail:
+                        problems.append(f"DEL of {pod.name} at teardown: {err}")
+        with contextlib.suppress(Exception):
+            self.stop_agent()
+        purged = self._purge_map_entries()
+        if purged and not tolerant:
+            problems.append(f"the DELs left map entries of attachments {purged}")
         for name in [p.name for p in self.pods] + [self.node_name]:
             if os.path.exists(f"{NETNS_DIR}/{name}"):
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
@@ -223,13 +256,17 @@ class Lab:
             remove_pin_dir(os.environ.pop("BWPLUGIN_PIN_DIR"))
         if getattr(self, "own_run_dir", False):
             os.environ.pop("BWPLUGIN_RUN_DIR")
+        if problems and exc[0] is None:
+            raise TeardownError("; ".join(problems))
 
-    def _purge_map_entries(self) -> None:
+    def _purge_map_entries(self) -> list[int]:
         """Map entries of this lab's attachments that a failed DEL left behind would
-        outlive it: those of its container IDs, and those its node's veths carry."""
+        outlive it: those of its container IDs, and those its node's veths carry.
+        Returns the attachment IDs it removed."""
         fd, lpm = bpf.open_map(), bpf.open_lpm()
+        purged: list[int] = []
         if fd is None:
-            return
+            return purged
         try:
             carried: set[int] = set()
             if os.path.exists(self.node):
@@ -241,6 +278,7 @@ class Lab:
                 if attach_id in carried or entry.container_id.startswith(f"{PREFIX}-{self.tag}-"):
                     tcx.detach(entry.owner)  # its pinned TCX links, if any
                     bpf.release(fd, lpm, attach_id)
+                    purged.append(attach_id)
             # records and claims of entries that tests removed by hand (to stage a state)
             live = set(bpf.attach_entries(fd))
             for rec_fd, size in ((bpf.open_pods(), bpf.POD_VAL.size), (bpf.open_shaping(), bpf.SHAPING_VAL.size)):
@@ -260,6 +298,7 @@ class Lab:
                     bpf.close_fds(tcx_fd)
         finally:
             bpf.close_fds(fd, lpm)
+        return purged
 
     # ------------------------------------------------------------ pods
 
@@ -317,7 +356,8 @@ class Lab:
         container_id: str | None = None,
         between: Callable[[dict[str, Any]], None] | None = None,
     ) -> Attachment:
-        att = Attachment(self.runtime, conflist, container_id or f"{pod.name}-cid", pod.netns, ifname, runtime_config)
+        cid = container_id or f"{pod.name}-cid"
+        att = Attachment(self.runtime, conflist, cid, pod.netns, ifname, runtime_config, kubernetes_args(pod.name, cid))
         pod.attachment = att
         att.add(between)
         return att
@@ -374,6 +414,7 @@ class Lab:
         omit: int = 1,
         reverse: bool = False,
         udp_rate: int = 0,
+        udp_length: int = 1400,
         port: int = 5201,
         extra: tuple[str, ...] = (),
         server_ip: str | None = None,
@@ -383,7 +424,7 @@ class Lab:
         if reverse:
             argv.append("-R")
         if udp_rate:
-            argv += ["-u", "-b", str(udp_rate), "-l", "1400"]
+            argv += ["-u", "-b", str(udp_rate), "-l", str(udp_length)]
         # the server may still be closing the previous test (a bloated queue can hold
         # its end-of-test exchange for tens of seconds): retry while it says busy, and
         # restart a server that stays busy (the previous client is gone by then)

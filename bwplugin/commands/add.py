@@ -7,7 +7,7 @@ import errno
 from typing import Any
 
 from ..cni.config import Direction, Env, NetConf, Policy, Subnets
-from ..cni.errors import ForeignObjectError, InvalidConfigError, KernelFeatureError
+from ..cni.errors import ForeignObjectError, InvalidConfigError, KernelFeatureError, TryAgainLaterError
 from ..cni.protocol import convert_result, with_interface
 from ..cni.settings import log
 from ..datapath import bpf, probe, tc, tcx
@@ -143,7 +143,15 @@ def _add_entry(progs: bpf.Programs, env: Env, conf: NetConf, host: HostVeth, und
         0, host.index, entry_flags(conf) & ~bpf.F_COUNTING, owner_of(conf, env), bpf.network_hash(conf.name),
         env.ifname, env.container_id,
     )  # fmt: skip
-    attach_id = bpf.attach_new(progs.map_fd, entry)
+    try:
+        attach_id = bpf.attach_new(progs.map_fd, entry)
+    except OSError as exc:  # every id taken (ENOSPC), or the map full under a race (E2BIG)
+        if exc.errno not in (errno.ENOSPC, errno.E2BIG):
+            raise
+        raise TryAgainLaterError(
+            f"all {bpf.MAX_ATTACH} attachment ids of this node are in use (the most it can shape at once): "
+            "delete a shaped pod, or run GC to free those of pods already gone"
+        ) from exc
     undo.push(lambda: bpf.release(progs.map_fd, progs.lpm_fd, attach_id))
     if conf.subnets:
         bpf.subnets_add(progs.lpm_fd, attach_id, conf.subnets.networks)
