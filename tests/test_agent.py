@@ -129,6 +129,19 @@ def test_framing_roundtrip_carries_the_cni_protocol_only() -> None:
     assert decode_reply(encode_reply(7, {"x": 1}, ["l1", "l2"])) == (7, b'{"x": 1}\n', b"l1\nl2\n")
 
 
+def shaper_dels_at_once(lab: Lab, pods: list[Pod]) -> list[tuple[int, str]]:
+    """bwplugin's DEL (alone, as the last plugin of the chain) for every pod at once."""
+
+    def delete(pod: Pod) -> tuple[int, str]:
+        att = pod.attachment
+        assert att is not None
+        inv = lab.exec_shaper("DEL", pod, plugin_conf(att.conflist, shaper(), att.result, att.runtime_config))
+        return inv.rc, inv.stdout
+
+    with ThreadPoolExecutor(len(pods)) as pool:
+        return list(pool.map(delete, pods))
+
+
 def test_del_answers_before_the_ifb_is_released_then_releases_it(agent_lab: Lab) -> None:
     """Through the agent, DEL answers once the attachment is inert, and the ifb
     device goes just after. To tell that from a synchronous DEL, 8 DELs run at once:
@@ -141,14 +154,7 @@ def test_del_answers_before_the_ifb_is_released_then_releases_it(agent_lab: Lab)
         lab.attach(pod, conflist, bandwidth(egress=10_000_000))
     veths = [next(i["name"] for i in p.attachment.result["interfaces"] if i["name"].startswith("veth")) for p in pods]
 
-    def delete(pod: Pod) -> tuple[int, str]:
-        att = pod.attachment
-        assert att is not None
-        inv = lab.exec_shaper("DEL", pod, plugin_conf(att.conflist, shaper(), att.result, att.runtime_config))
-        return inv.rc, inv.stdout
-
-    with ThreadPoolExecutor(len(pods)) as pool:
-        answers = list(pool.map(delete, pods))
+    answers = shaper_dels_at_once(lab, pods)
     kv = view(lab.node)
     assert answers == [(0, "")] * len(pods)
     assert kv.ifbs(), "every ifb was already gone when the DELs answered: nothing was deferred"
@@ -168,14 +174,7 @@ def test_sigterm_drains_the_ifb_releases_still_pending(agent_lab: Lab) -> None:
         lab.attach(pod, conflist, bandwidth(egress=10_000_000))
     assert len(view(lab.node).ifbs()) == 16
 
-    def delete(pod: Pod) -> tuple[int, str]:
-        att = pod.attachment
-        assert att is not None
-        inv = lab.exec_shaper("DEL", pod, plugin_conf(att.conflist, shaper(), att.result, att.runtime_config))
-        return inv.rc, inv.stdout
-
-    with ThreadPoolExecutor(len(pods)) as pool:
-        answers = list(pool.map(delete, pods))
+    answers = shaper_dels_at_once(lab, pods)
     pending = view(lab.node).ifbs()
     lab.stop_agent(signal.SIGTERM)
     assert answers == [(0, "")] * len(pods)
