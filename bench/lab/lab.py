@@ -7,7 +7,6 @@ Leaving the context removes all of it, even after a failure."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -87,7 +86,6 @@ class Pod:
     name: str
     netns: str
     attachment: Attachment | None = None
-    del_may_fail: bool = False  # a test that broke this pod on purpose: teardown tolerates its DEL failing
 
     @property
     def ip(self) -> str:
@@ -228,25 +226,26 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         """Removes everything, even after a failure. When the test itself passed,
-        a teardown DEL that failed (of a pod not marked `del_may_fail`) or a map
-        entry that the DELs left behind fails it: a DEL is never hidden here."""
+        a teardown DEL that failed, an agent that would not stop, or a map entry
+        that the DELs left behind fails it: a DEL is never hidden here."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait()
         problems: list[str] = []
-        tolerant = any(p.del_may_fail for p in self.pods)
         for pod in reversed(self.pods):
             if pod.attachment is not None:  # even a failed ADD gets its DEL, as runtimes do
                 try:
                     pod.attachment.delete()
                 except Exception as err:  # noqa: BLE001 (reported below, after the cleanup)
-                    if not pod.del_may_fail:
-                        problems.append(f"DEL of {pod.name} at teardown: {err}")
-        with contextlib.suppress(Exception):
+                    problems.append(f"DEL of {pod.name} at teardown: {err}")
+        try:
             self.stop_agent()
+        except subprocess.TimeoutExpired as err:
+            problems.append(f"the agent did not stop: {err}")
+            self.stop_agent(signal.SIGKILL)
         purged = self._purge_map_entries()
-        if purged and not tolerant:
+        if purged:
             problems.append(f"the DELs left map entries of attachments {purged}")
         for name in [p.name for p in self.pods] + [self.node_name]:
             if os.path.exists(f"{NETNS_DIR}/{name}"):

@@ -81,6 +81,19 @@ class Runtime:
     driver: str | None = None  # the real libcni (build_driver); None: the emulation
     cache_dir: str = ""  # the real libcni's result cache (its default is /var/lib/cni)
 
+    def base_env(self) -> dict[str, str]:
+        return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **self.extra_env}
+
+    def run_in_node(
+        self, argv: list[str], data: bytes, environ: dict[str, str], timeout: float
+    ) -> subprocess.CompletedProcess[bytes]:
+        """A process in the node netns (if there is one), fed `data` on stdin."""
+        node = self.node_netns
+        return subprocess.run(
+            argv, input=data, capture_output=True, env=environ, timeout=timeout,
+            preexec_fn=(lambda: _enter_netns(node)) if node else None,
+        )  # fmt: skip
+
     def find(self, plugin_type: str) -> str:
         for d in self.cni_path:
             candidate = os.path.join(d, plugin_type)
@@ -100,30 +113,16 @@ class Runtime:
         args: str = "",
         env: dict[str, str] | None = None,
     ) -> Invocation:
-        environ = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-            "CNI_COMMAND": command,
-            "CNI_PATH": ":".join(self.cni_path),
-            **self.extra_env,
-            **(env or {}),
-        }
+        environ = {**self.base_env(), "CNI_COMMAND": command, "CNI_PATH": ":".join(self.cni_path), **(env or {})}
         for key, value in (("CNI_CONTAINERID", container_id), ("CNI_NETNS", netns), ("CNI_IFNAME", ifname)):
             if value:
                 environ[key] = value
         if args:
             environ["CNI_ARGS"] = args
         data = conf if isinstance(conf, bytes) else json.dumps(conf).encode()
-        node = self.node_netns
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        proc = subprocess.run(
-            [self.find(plugin_type)],
-            input=data,
-            capture_output=True,
-            env=environ,
-            preexec_fn=(lambda: _enter_netns(node)) if node else None,
-            timeout=120,
-        )
+        proc = self.run_in_node([self.find(plugin_type)], data, environ, timeout=120)
         elapsed = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # exact while calls are sequential
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -182,17 +181,9 @@ class Attachment:
             "cacheDir": self.runtime.cache_dir,
             "path": self.runtime.cni_path,
         }
-        assert self.runtime.driver
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **self.runtime.extra_env}
-        node = self.runtime.node_netns
-        proc = subprocess.run(
-            [self.runtime.driver, op],
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            env=env,
-            preexec_fn=(lambda: _enter_netns(node)) if node else None,
-            timeout=300,
-        )
+        rt, driver = self.runtime, self.runtime.driver
+        assert driver
+        proc = rt.run_in_node([driver, op], json.dumps(request).encode(), rt.base_env(), timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"cnidriver {op}: exit {proc.returncode}: {proc.stderr.decode()[-2000:]}")
         report = json.loads(proc.stdout)

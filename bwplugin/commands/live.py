@@ -258,12 +258,12 @@ def change_tbf_safely(nl: Netlink, index: int, old: TBFParams, new: TBFParams) -
     queue limit kept, none, so what remains comes from step 3, which the latency
     bound needs.
 
-    1. The rate comes down at once, with the old bucket and the larger queue limit
-       (in bytes): TCP is clocked by its ACKs, so it only queues longer, and loses
+    1. The rate and the bucket change at once, with the larger queue limit (in
+       bytes): TCP is clocked by its ACKs, so it only queues longer, and loses
        nothing.
-    2. Then the bucket. TBF never sends a packet bigger than its bucket, and the
-       packets queued now were let in (segmented) to fit the old one. From this
-       change on, arrivals are segmented to fit the new bucket; whenever one of the
+    2. TBF never sends a packet bigger than its bucket, and the packets queued
+       then were let in (segmented) to fit the old one. From this change on,
+       arrivals are segmented to fit the new bucket; whenever one of the
        older packets blocks the head, the old bucket is lent just until it has
        left (a change refills the bucket at once), then taken back. Dropping the
        queue is the last resort, after SHRINK_WAIT.
@@ -276,15 +276,12 @@ def change_tbf_safely(nl: Netlink, index: int, old: TBFParams, new: TBFParams) -
         tc.change_tbf(nl, index, new)
         return
     big = max(old.limit, new.limit)
-    tc.change_tbf(nl, index, replace(new, burst=max(old.burst, new.burst), limit=big))
-    if new.burst < old.burst:
-        shrunk = replace(new, limit=big)
+    shrunk = replace(new, limit=big)  # the new rate and bucket, the larger queue
+    tc.change_tbf(nl, index, shrunk)
+    if new.burst < old.burst and not _oversized_leave(nl, index, replace(shrunk, burst=old.burst), shrunk):
+        log(f"ifindex {index}: for {SHRINK_WAIT:g} s the queue held packets bigger than the new bucket; dropping them")
+        tc.purge_tbf_queue(nl, index, big)
         tc.change_tbf(nl, index, shrunk)
-        if not _oversized_leave(nl, index, replace(shrunk, burst=old.burst), shrunk):
-            log(f"ifindex {index}: for {SHRINK_WAIT:g} s the queue held packets bigger than the new bucket; "
-                "dropping them")  # fmt: skip
-            tc.purge_tbf_queue(nl, index, big)
-            tc.change_tbf(nl, index, shrunk)
     limit, deadline = big, time.monotonic() + LIMIT_WAIT
     while limit > new.limit and time.monotonic() < deadline:
         peak = _peak_backlog(nl, index, LIMIT_STEP_S)

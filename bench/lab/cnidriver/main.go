@@ -47,7 +47,6 @@ type call struct {
 	RC         int     `json:"rc"` // negative: killed by that signal
 	Seconds    float64 `json:"seconds"`
 	CPUSeconds float64 `json:"cpuSeconds"`
-	Stdout     string  `json:"stdout"`
 	Stderr     string  `json:"stderr"`
 }
 
@@ -67,8 +66,7 @@ func (e *recordingExec) ExecPlugin(ctx context.Context, path string, stdin []byt
 	c.Env, c.Stdin, c.Stdout, c.Stderr = environ, bytes.NewReader(stdin), &stdout, &stderr
 	start := time.Now()
 	err := c.Run()
-	rec := call{Plugin: filepath.Base(path), Seconds: time.Since(start).Seconds(),
-		Stdout: stdout.String(), Stderr: stderr.String()}
+	rec := call{Plugin: filepath.Base(path), Seconds: time.Since(start).Seconds(), Stderr: stderr.String()}
 	for _, kv := range environ {
 		if strings.HasPrefix(kv, "CNI_COMMAND=") {
 			rec.Command = strings.TrimPrefix(kv, "CNI_COMMAND=")
