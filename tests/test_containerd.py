@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.lab.containerd import Containerd, Sandbox
+from bench.lab.containerd import Containerd, Sandbox, Traffic
 from bench.lab.measure import TCP_GOODPUT_CEILING
 
 from .oracle import link_pins
@@ -76,11 +76,23 @@ def assert_holds(c: Containerd, pod: Sandbox, direction: str, rate: int, low: fl
     times the TCP ceiling (at most 1.03), and the shaper's wire rate at least `low`
     of the rate and never 2 % above it. Plain mode (TBF) measured 0.985-1.003 for
     both over 14 runs; subnet mode (HTB, whose leaf holds unsegmented GSO packets)
-    measured 0.91, below issue 17's target, so its tests pass a lower bound."""
-    t = c.iperf(pod, direction, seconds=3)
-    assert t.device, f"{direction}: no shaping qdisc found"
-    assert low <= t.goodput / (rate * TCP_GOODPUT_CEILING) <= 1.03, (direction, t)
-    assert low <= t.wire / rate <= 1.02, (direction, t)
+    measured 0.91, below issue 17's target, so its tests pass a lower bound.
+
+    Too fast fails at once. Too slow is measured once more before it fails: a run
+    of a few seconds loses several per cent to one stall of the VM's sender (CI saw
+    0.93 once in about 40 runs), while a shaper that holds a wrong rate, or queues
+    too little for the flow to fill it, falls short both times."""
+    runs = [c.iperf(pod, direction, seconds=3)]
+    assert runs[0].device, f"{direction}: no shaping qdisc found"
+    if not _fast_enough(runs[0], rate, low):
+        runs.append(c.iperf(pod, direction, seconds=3))
+    for t in runs:
+        assert t.goodput / (rate * TCP_GOODPUT_CEILING) <= 1.03 and t.wire / rate <= 1.02, (direction, t)
+    assert _fast_enough(runs[-1], rate, low), (direction, runs)
+
+
+def _fast_enough(t: Traffic, rate: int, low: float) -> bool:
+    return t.goodput / (rate * TCP_GOODPUT_CEILING) >= low and t.wire / rate >= low
 
 
 def test_annotated_pod_is_shaped_from_second_zero_and_named_in_stats(ctrd: Containerd) -> None:

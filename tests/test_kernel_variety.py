@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +104,44 @@ def kinds_iproute2_can_make(kinds: tuple[str, ...]) -> set[str]:
         return made
     finally:
         subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def test_the_probes_see_frames_through_a_carrier_that_comes_up_late(lab: Lab) -> None:
+    """CI once saw the redirect probe answer "no" on a kernel that honours the
+    redirect (an upgraded agent then expected act_mirred where ADD had used the
+    redirect). A veth's qdisc is attached only when the kernel's linkwatch work
+    sees its carrier, and frames sent before that are dropped without an error; on
+    a busy node that work runs late. Here the peer comes up 0.3 s after the probe
+    starts sending: the frames sent meanwhile are lost (the one-shot probe of
+    before saw none), and the probe must still count the ones sent after."""
+
+    def run(nl: Netlink) -> tuple[bool, int]:
+        nl.create_veth("bwplprobe1", "bwplprobe2")
+        src, dst = nl.link(name="bwplprobe1"), nl.link(name="bwplprobe2")
+        assert src is not None and dst is not None
+        for link in (src, dst):
+            nl.silence_ipv6(link.index)
+        nl.set_link(src.index, up=True)
+        early: list[int] = []
+
+        def peer_up_late() -> None:  # a thread of the probe's thread: in its netns
+            time.sleep(0.3)
+            with Netlink() as late:
+                now = late.link(index=src.index)
+                early.append(now.tx_packets if now else -1)
+                late.set_link(dst.index, up=True)
+
+        waiter = threading.Thread(target=peer_up_late)
+        waiter.start()
+        try:
+            seen = probe._frames_seen(nl, src.index, probe.PROBE_FRAMES)
+        finally:
+            waiter.join()
+        return seen, early[0]
+
+    seen, sent_before_carrier = probe.in_fresh_netns(run)
+    assert sent_before_carrier == 0  # the frames of the first 0.3 s went nowhere
+    assert seen
 
 
 def test_redirect_probe_matches_the_kernel_and_has_a_negative_control(lab: Lab, programs: bpf.Programs) -> None:

@@ -150,6 +150,7 @@ class Traffic:
     first_second: float  # bits/s the shaping qdisc sent in the flow's first second
     seconds: float
     device: str  # the device whose root qdisc shaped this direction ("" if none)
+    retransmits: int = 0  # TCP segments the sender sent again (iperf3's count; 0 for UDP)
 
 
 def _wire(samples: list[tuple[float, int]], span: float | None) -> float:
@@ -494,7 +495,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         end = json.loads(out)["end"]
         summary = end["sum"] if udp else end["sum_received"]
         goodput = float(summary["bits_per_second"]) * (1 - float(summary.get("lost_percent", 0)) / 100)
-        return Traffic(goodput, _wire(samples, None), _wire(samples, 1.0), float(summary["seconds"]), dev)
+        retransmits = 0 if udp else int(end.get("sum_sent", {}).get("retransmits", 0))
+        return Traffic(goodput, _wire(samples, None), _wire(samples, 1.0), float(summary["seconds"]), dev, retransmits)
 
     def ifb_of(self, veth: str) -> str:
         """The ifb the pod's egress is steered to ("" if none), read with iproute2:

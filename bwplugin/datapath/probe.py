@@ -145,23 +145,31 @@ def redirect_honoured(progs: bpf.Programs, program: str = "bwp_from_pod") -> boo
 
 
 PROBE_FRAMES = 3
+PROBE_WAIT = 2.0  # s: a negative answer (an old kernel) costs this once per boot
+PROBE_RESEND = 0.05  # s
 
 
 def _frames_seen(nl: Netlink, index: int, want: int) -> bool:
-    """Send PROBE_FRAMES frames out of bwplprobe1; did `index` transmit `want` of them
-    within a second? (A local experimental ethertype: nothing else answers it.)"""
+    """Send frames out of bwplprobe1 until `index` has transmitted `want` of them,
+    for up to PROBE_WAIT. (A local experimental ethertype: nothing else answers it.)
+    They are sent again and again, not once: a veth gets its qdisc only when the
+    kernel's linkwatch work sees its carrier, later and on a busy node much later
+    than "up" returns, and frames sent before that are dropped without a word."""
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
         sock.bind(("bwplprobe1", 0))
         frame = b"\xff" * 6 + bytes.fromhex("02b0d0000001") + b"\x88\xb5" + b"bwplugin probe".ljust(46, b"\0")
-        for _ in range(PROBE_FRAMES):
-            sock.send(frame)
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        now = nl.link(index=index)
-        if now is not None and now.tx_packets >= want:
-            return True
-        time.sleep(0.01)
-    return False
+        deadline = time.monotonic() + PROBE_WAIT
+        while True:
+            for _ in range(PROBE_FRAMES):
+                sock.send(frame)
+            resend = time.monotonic() + PROBE_RESEND
+            while time.monotonic() < resend:
+                now = nl.link(index=index)
+                if now is not None and now.tx_packets >= want:
+                    return True
+                time.sleep(0.005)
+            if time.monotonic() > deadline:
+                return False
 
 
 def missing_kinds_cached(kinds: tuple[str, ...], progs: bpf.Programs | None) -> list[str]:
@@ -212,7 +220,8 @@ def _once_per_boot(what: str, progs: bpf.Programs, modes: tuple[str, str], works
         cached = _cached_mode(cache, key, modes)
         if cached:
             return cached
-        mode = modes[0] if works() else modes[1]
+        # frames seen prove the feature; none seen may be a stall: ask once more
+        mode = modes[0] if works() or works() else modes[1]
         settings.log(f"probe {what}: using {mode}")
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
