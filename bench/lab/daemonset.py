@@ -300,7 +300,10 @@ class DaemonSetRunner:
         return pod
 
     def restart(self, pod: DaemonPod, name: str, attempt: int) -> None:
-        """The kubelet's restart of a crashed container: a new attempt in the same pod."""
+        """The kubelet's restart of a crashed container: a new attempt in the same pod,
+        once containerd reports the old one exited (its exit is noticed asynchronously,
+        and a running container cannot be removed)."""
+        self._wait_exited(pod.containers[name], 30)
         spec = next(c for c in self.template.containers if c.name == name)
         logs = Path(pod.config.log_directory)
         cid = self.cri.create_container(pod.sandbox, pod.config, self._config(spec, "", attempt, logs))
