@@ -23,6 +23,12 @@ def _cpu(xs: list[float]) -> str:
     return f"{_med(xs):.2f}" if xs else "–"
 
 
+def _num(xs: list[float], fmt: str) -> str:
+    """The median of what was measured (rows of older results lack the key)."""
+    xs = [x for x in xs if x == x]
+    return format(_med(xs), fmt) if xs else "–"
+
+
 def _mbit(bps: float) -> str:
     return f"{bps / 1e6:g}"
 
@@ -34,13 +40,13 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
     out = [
         "| rate Mbit/s | direction | proto | wire/conf bwplugin | wire/conf reference | goodput/ceiling bwplugin "
         "| goodput/ceiling reference | 1-s swing bwplugin | 1-s swing reference | CPU s/Gbit bwplugin "
-        "| CPU s/Gbit reference |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU s/Gbit reference | eBPF ns/run bwplugin | eBPF share of CPU bwplugin |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (rate, direction, proto), by in sorted(groups.items()):
 
         def col(key: str, plugin: str, by: dict[str, list[dict[str, Any]]] = by) -> list[float]:
-            return [r[key] for r in by.get(plugin, [])]
+            return [r.get(key, float("nan")) for r in by.get(plugin, [])]
 
         out.append(
             f"| {_mbit(rate)} | {direction} | {proto} | "
@@ -51,7 +57,7 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
             + " | ".join(f"{_med(col('swing', p)):.3f}" for p in PLUGINS)
             + " | "
             + " | ".join(_cpu(col("cpu_s_per_gbit", p)) for p in PLUGINS)
-            + " |"
+            + f" | {_num(col('bpf_ns_per_run', 'bwplugin'), '.0f')} | {_num(col('bpf_cpu_share', 'bwplugin'), '.1%')} |"
         )
     return "\n".join(out)
 

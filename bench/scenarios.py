@@ -8,6 +8,7 @@ import subprocess
 import time
 from typing import Any
 
+from bench.lab import bpfstats
 from bench.lab.lab import CONTAINERD_BURST, remove_pin_dir, runtime_bandwidth
 from bench.lab.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler, iperf_goodput
 
@@ -40,9 +41,10 @@ def accuracy(bench: Bench, rates: list[int], protos: list[str], repeats: int, se
     points = [(r, d, p, i) for r in rates for d in ("ingress", "egress") for p in protos for i in range(repeats)]
     for n, (rate, direction, proto, rep) in enumerate(points):
         for plugin in order(n):
-            with bench.shaped(plugin, **{direction: rate}) as shaped:
+            with bench.shaped(plugin, **{direction: rate}) as shaped, bpfstats.run_time_stats():
                 dev = shaped.device(direction)
                 cpu0 = busy_seconds()
+                progs0 = bpfstats.snapshot()
                 with Sampler(bench.lab.node, [dev], interval=0.1) as s:
                     result = bench.iperf(
                         shaped.pod,
@@ -51,6 +53,7 @@ def accuracy(bench: Bench, rates: list[int], protos: list[str], repeats: int, se
                         udp_rate=int(rate * 1.2) if proto == "udp" else 0,
                     )
                 cpu = busy_seconds() - cpu0
+                bpf_ns, bpf_runs = bpfstats.spent(progs0, bpfstats.snapshot())
             first, last = s.active(dev)
             wire = s.steady_rate(dev)
             per_second = s.per_second(dev, first + 1.0, last - 0.3) or [wire]
@@ -68,6 +71,9 @@ def accuracy(bench: Bench, rates: list[int], protos: list[str], repeats: int, se
                 "swing": (max(per_second) - min(per_second)) / rate,
                 # machine-wide CPU (iperf3 included): meaningful only where shaping costs show
                 "cpu_s_per_gbit": cpu / (wire_bytes * 8 / 1e9) if wire_bytes and rate >= 100e6 else float("nan"),
+                # the eBPF programs' own time (kernel run-time stats; the reference runs none)
+                "bpf_ns_per_run": bpf_ns / bpf_runs if bpf_runs else float("nan"),
+                "bpf_cpu_share": bpf_ns / 1e9 / cpu if cpu > 0 else float("nan"),
             }
             rows.append(row)
             progress(
