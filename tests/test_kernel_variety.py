@@ -194,6 +194,24 @@ def test_a_kernel_that_ignores_the_redirect_gets_act_mirred_by_itself(fresh_run_
         assert settled_ifbs(lab.node) == []
 
 
+def test_check_holds_to_the_redirect_add_chose_not_to_a_later_probe(fresh_run_dir: None) -> None:
+    """Under egressRedirect auto, the attachment records the redirect its ADD chose.
+    CHECK holds to that record, not to whatever the probe says later (CI once saw an
+    upgraded agent's fresh probe answer "no" and CHECK then fail a healthy pod). The
+    probe's cached answer is turned around here, and CHECK still passes."""
+    with Lab(agent=False) as lab:
+        conflist = lab.conflist(shaper())
+        pod = lab.pod("a")
+        att = lab.attach(pod, conflist, bandwidth(ingress=RATE, egress=RATE))
+        (cache,) = Path(os.environ["BWPLUGIN_RUN_DIR"]).glob("redirect.*")
+        key, _, chosen = cache.read_text().rpartition(" ")
+        actions = filter_actions(lab.node, host_veth(pod))
+        assert actions == (["mirred"] if chosen == "mirred" else []), (chosen, actions)
+        cache.write_text(f"{key} {'bpf' if chosen == 'mirred' else 'mirred'}")
+        att.check()
+        lab.remove_pod(pod)
+
+
 def test_missing_kinds_are_found_and_reported(lab: Lab, programs: bpf.Programs) -> None:
     """bwplugin's probe against tc(8)'s own attempt, for kinds it needs and kinds it
     does not (fq_codel and netem are missing here, modules on a stock Debian kernel)."""

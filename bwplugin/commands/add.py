@@ -85,7 +85,8 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, shared: bool, und
     if use_tcx and not bpf.tcx_claim(progs.tcx_fd, progs.map_fd, host.index, attach_id):
         log(f"ifindex {host.index} ({host.name}) is held by another live attachment: counting with cls_bpf")
         use_tcx = False  # bpf.release (the entry's undo) drops a claim that was made
-    bpf.shaping_set(progs.shaping_fd, attach_id, shaping_entry(conf, host, shared, use_tcx))
+    record = shaping_entry(conf, host, shared, use_tcx, redirect=mode if bw.egress else None)
+    bpf.shaping_set(progs.shaping_fd, attach_id, record)
     owner = owner_of(conf, env)
     if use_tcx:
         undo.push(lambda: tcx.detach(owner))

@@ -111,6 +111,18 @@ def _compare(problems: list[str], what: str, want: tuple[int, int, int], got: tu
 HOOK_NAMES = {tc.CLSACT_INGRESS: "from-pod", tc.CLSACT_EGRESS: "to-pod"}
 
 
+def _redirect_mode(progs: bpf.Programs, conf: NetConf, record: bpf.ShapingEntry | None) -> str:
+    """The redirect the attachment must use. Under "auto", the one its ADD chose,
+    as recorded: a probe answers per boot and program version, and an upgraded
+    agent probes again. Records of older builds say nothing: probe."""
+    if conf.policy.egress_redirect == "auto" and record is not None:
+        if record.flags & bpf.S_REDIRECT_MIRRED:
+            return "mirred"
+        if record.flags & bpf.S_REDIRECT_BPF:
+            return "bpf"
+    return probe.redirect_mode(progs, conf.policy.egress_redirect)
+
+
 def _check_steering(
     nl: Netlink,
     problems: list[str],
@@ -129,11 +141,11 @@ def _check_steering(
         problems.append(f"eBPF programs: not pinned under {bpf.pin_dir()}")
         return
     try:
-        mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if conf.bandwidth.egress else "bpf"
-        mirred_to = ifb.index if ifb is not None and mode == "mirred" else None
         tail = filters.get((tc.CLSACT_INGRESS, tc.TAIL_PRIO))
         record = bpf.shaping_get(progs.shaping_fd, tail.classid) if tail is not None else None
         on_tcx = record is not None and bool(record.flags & bpf.S_TCX)  # how ADD counted
+        mode = _redirect_mode(progs, conf, record) if conf.bandwidth.egress else "bpf"
+        mirred_to = ifb.index if ifb is not None and mode == "mirred" else None
         want = {(tc.CLSACT_INGRESS, tc.TAIL_PRIO): ("bwp_from_pod_mirred" if mirred_to else "bwp_from_pod", mirred_to)}
         if not on_tcx:
             want[(tc.CLSACT_EGRESS, tc.FRONT_PRIO)] = ("bwp_to_pod", None)

@@ -133,12 +133,17 @@ def _clsact_shared(attach_ids: set[int]) -> bool:
 REDIRECT_FLAGS = {"auto": 0, "bpf": bpf.S_REDIRECT_BPF, "mirred": bpf.S_REDIRECT_MIRRED}
 
 
-def shaping_entry(conf: NetConf, host: HostVeth, shared_clsact: bool = False, tcx: bool = False) -> bpf.ShapingEntry:
-    """What ADD shapes with, recorded for live changes and for CHECK after one."""
+def shaping_entry(
+    conf: NetConf, host: HostVeth, shared_clsact: bool = False, tcx: bool = False, redirect: str | None = None
+) -> bpf.ShapingEntry:
+    """What ADD shapes with, recorded for live changes and for CHECK after one.
+    redirect: the redirect ADD chose for egress ("bpf" or "mirred", where "auto"
+    was probed), so that CHECK and live changes hold to it rather than to a later
+    probe's answer; None: the config's own (egress not shaped yet)."""
     bw = conf.bandwidth
     rates = ((bw.ingress.rate, bw.ingress.burst) if bw.ingress else (0, 0),
              (bw.egress.rate, bw.egress.burst) if bw.egress else (0, 0))  # fmt: skip
-    flags = REDIRECT_FLAGS[conf.policy.egress_redirect] | (bpf.S_STATIC if bw.source == "static" else 0)
+    flags = REDIRECT_FLAGS[redirect or conf.policy.egress_redirect] | (bpf.S_STATIC if bw.source == "static" else 0)
     flags |= (bpf.S_CLSACT_SHARED if shared_clsact else 0) | (bpf.S_TCX if tcx else 0)
     return bpf.ShapingEntry(
         add=rates, now=rates,
