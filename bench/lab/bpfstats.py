@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import json
 import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from bwplugin.datapath.bpf import libbpf
+
 BPF_STATS_RUN_TIME = 0
 
 
 @contextlib.contextmanager
 def run_time_stats() -> Iterator[None]:
-    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-    fd = lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
+    fd = libbpf().bpf_enable_stats(BPF_STATS_RUN_TIME)
     if fd < 0:
         err = ctypes.get_errno() or -fd
         raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
@@ -35,7 +35,6 @@ def run_time_stats() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ProgRuns:
-    name: str
     run_time_ns: int
     run_cnt: int
 
@@ -44,7 +43,7 @@ def snapshot(prefix: str = "bwp_") -> dict[int, ProgRuns]:
     """Every loaded program whose name starts with prefix, by id."""
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     return {
-        int(p["id"]): ProgRuns(str(p.get("name", "")), int(p.get("run_time_ns", 0)), int(p.get("run_cnt", 0)))
+        int(p["id"]): ProgRuns(int(p.get("run_time_ns", 0)), int(p.get("run_cnt", 0)))
         for p in json.loads(out)
         if str(p.get("name", "")).startswith(prefix)
     }
@@ -54,7 +53,7 @@ def spent(before: dict[int, ProgRuns], after: dict[int, ProgRuns]) -> tuple[int,
     """(ns, runs) the programs spent between two snapshots."""
     ns = runs = 0
     for pid, now in after.items():
-        was = before.get(pid, ProgRuns(now.name, 0, 0))
+        was = before.get(pid, ProgRuns(0, 0))
         ns += now.run_time_ns - was.run_time_ns
         runs += now.run_cnt - was.run_cnt
     return ns, runs

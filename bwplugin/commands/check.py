@@ -9,7 +9,7 @@ from ..datapath import bpf, probe, tc, tcx
 from ..datapath.naming import ifb_name
 from ..datapath.netlink import Link, Netlink
 from ..datapath.shaping import htb_leaf_limit, tbf_params
-from .common import HostVeth, entry_flags, find_host_veth, in_force, owner_of
+from .common import HostVeth, entry_flags, find_host_veth, in_force, owner_of, recorded_redirect
 
 
 def cmd_check(env: Env, conf: NetConf) -> None:
@@ -115,12 +115,10 @@ def _redirect_mode(progs: bpf.Programs, conf: NetConf, record: bpf.ShapingEntry 
     """The redirect the attachment must use. Under "auto", the one its ADD chose,
     as recorded: a probe answers per boot and program version, and an upgraded
     agent probes again. Records of older builds say nothing: probe."""
-    if conf.policy.egress_redirect == "auto" and record is not None:
-        if record.flags & bpf.S_REDIRECT_MIRRED:
-            return "mirred"
-        if record.flags & bpf.S_REDIRECT_BPF:
-            return "bpf"
-    return probe.redirect_mode(progs, conf.policy.egress_redirect)
+    requested = conf.policy.egress_redirect
+    if requested == "auto" and record is not None:
+        requested = recorded_redirect(record.flags)
+    return probe.redirect_mode(progs, requested)
 
 
 def _check_steering(

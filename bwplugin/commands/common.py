@@ -133,6 +133,12 @@ def _clsact_shared(attach_ids: set[int]) -> bool:
 REDIRECT_FLAGS = {"auto": 0, "bpf": bpf.S_REDIRECT_BPF, "mirred": bpf.S_REDIRECT_MIRRED}
 
 
+def recorded_redirect(flags: int) -> str:
+    """The redirect an attachment's record names ("auto": none, as in records of
+    builds that kept only a forced choice)."""
+    return "mirred" if flags & bpf.S_REDIRECT_MIRRED else "bpf" if flags & bpf.S_REDIRECT_BPF else "auto"
+
+
 def shaping_entry(
     conf: NetConf, host: HostVeth, shared_clsact: bool = False, tcx: bool = False, redirect: str | None = None
 ) -> bpf.ShapingEntry:

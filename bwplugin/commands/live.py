@@ -20,7 +20,7 @@ from ..datapath.naming import IfbLabel, ifb_name_of_owner, network_tag_of
 from ..datapath.netlink import Link, Netlink
 from ..datapath.shaping import TBFParams, tbf_params
 from .add import add_ifb, add_root
-from .common import HostVeth, Undo, direction_of
+from .common import HostVeth, Undo, direction_of, recorded_redirect
 
 # what a direction shaped anew gets when no burst is given: the runtimes' own
 # default (containerd's), which maxBurstMs then caps to a few ms at the rate
@@ -141,8 +141,7 @@ def plan(old: bpf.ShapingEntry, entry: bpf.AttachEntry, change: Change) -> bpf.S
 
 
 def _policy(rec: bpf.ShapingEntry) -> Policy:
-    redirect = "mirred" if rec.flags & bpf.S_REDIRECT_MIRRED else "bpf" if rec.flags & bpf.S_REDIRECT_BPF else "auto"
-    return Policy(rec.latency_us / 1000, rec.max_burst_us / 1000, redirect)
+    return Policy(rec.latency_us / 1000, rec.max_burst_us / 1000, recorded_redirect(rec.flags))
 
 
 def apply(
