@@ -157,6 +157,9 @@ def attach_table(rows: list[dict[str, Any]]) -> str:
         for label, key in (("ADD p50 ms (agent)", "add_ms"), ("DEL p50 ms (agent)", "del_ms")):
             a, b = _p(cost["tcx"][key], 50), _p(cost["tc"][key], 50)
             out.append(f"| {label} | 10 | both | – | {a:.2f} | {b:.2f} | {a / b:.2f} |")
+        if cost["tcx"].get("handover_ms"):
+            moved = _p(cost["tcx"]["handover_ms"], 50)
+            out.append(f"| counting on TCX, ms after ADD answered (p50) | 10 | both | – | {moved:.1f} | – | – |")
     return "\n".join(out)
 
 

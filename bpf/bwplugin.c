@@ -21,6 +21,13 @@
 //                        before all clsact filters, so a redirect from TCX would
 //                        hide the pod's packets from every other tool's filter.
 //
+// Through the agent, ADD counts with the cls_bpf filters and answers; the agent
+// then moves the counting to TCX links (each attach waits for an RCU grace
+// period under the rtnl lock, ~13 ms here). The handover is exact: the TCX
+// programs count only once the veth's claim in bwp_tcx carries BWP_TCX_COUNTS,
+// and tag each packet they counted in skb->cb, so that the cls_bpf counter skips
+// exactly those (a packet the TCX program saw before the flag, cls_bpf counts).
+//
 // TC_ACT_UNSPEC ("continue"; TCX_NEXT on a TCX hook) lets the filters and
 // programs after ours run; TC_ACT_OK would end classification there and hide
 // the pod's packets from every later filter.
@@ -112,7 +119,8 @@ BPF_TABLE_PINNED("hash", __u32, struct bwp_val, bwp_attach, BWP_MAX_ATTACH, BWP_
 BPF_TABLE_PINNED("hash", __u32, struct bwp_pod, bwp_pods, BWP_MAX_ATTACH, BWP_POD_PIN, BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", __u32, struct bwp_shaping, bwp_shaping, BWP_MAX_ATTACH, BWP_SHAPING_PIN,
                  BPF_F_NO_PREALLOC);
-// TCX links carry no classid: the veth's ifindex finds the attachment id. (One
+// TCX links carry no classid: the veth's ifindex finds the attachment id, and
+// BWP_TCX_COUNTS once the TCX programs count (see the handover above). (One
 // pin directory serves one network namespace's veths; ADD falls back to cls_bpf
 // on an ifindex that another live attachment already holds.)
 BPF_TABLE_PINNED("hash", __u32, __u32, bwp_tcx, BWP_MAX_ATTACH, BWP_TCX_PIN, BPF_F_NO_PREALLOC);
@@ -179,9 +187,9 @@ static __always_inline void bwp_wire_size(struct __sk_buff *skb, __u64 *packets,
     }
 }
 
-// Counts the packet and, when this direction is split by subnets, picks its HTB
-// class. Returns 1 if the packet is shaped.
-static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *val, __u32 id, int from_pod)
+// When this direction is split by subnets, picks the packet's HTB class.
+// Returns 1 if the packet is shaped.
+static __always_inline int bwp_classify(struct __sk_buff *skb, struct bwp_val *val, __u32 id, int from_pod)
 {
     __u32 flags = val->flags;
     int shaped = (flags & (from_pod ? F_EGRESS_SHAPED : F_INGRESS_SHAPED)) != 0;
@@ -190,8 +198,15 @@ static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *va
         shaped = (flags & F_LISTED_UNSHAPED) ? !listed : listed;
         skb->priority = shaped ? HTB_SHAPED : HTB_UNSHAPED;
     }
-    if (!(flags & (from_pod ? F_COUNT_FROM_POD : F_COUNT_TO_POD)))
-        return shaped;  // ADD is not done with this direction yet
+    return shaped;
+}
+
+// Classifies and counts the packet.
+static __always_inline void bwp_account(struct __sk_buff *skb, struct bwp_val *val, __u32 id, int from_pod)
+{
+    int shaped = bwp_classify(skb, val, id, from_pod);
+    if (!(val->flags & (from_pod ? F_COUNT_FROM_POD : F_COUNT_TO_POD)))
+        return;  // ADD is not done with this direction yet
     struct bwp_count *c;
     if (from_pod)
         c = shaped ? &val->from_pod_shaped : &val->from_pod_unshaped;
@@ -201,7 +216,22 @@ static __always_inline int bwp_account(struct __sk_buff *skb, struct bwp_val *va
     bwp_wire_size(skb, &packets, &bytes);
     __sync_fetch_and_add(&c->packets, packets);
     __sync_fetch_and_add(&c->bytes, bytes);
-    return shaped;
+}
+
+// bwp_tcx values: the attachment id, and whether its TCX programs count yet
+#define BWP_TCX_ID     0xffff
+#define BWP_TCX_COUNTS 0x10000
+// skb->cb[BWP_CB] after a TCX program counted the packet for (id, direction);
+// TCX programs run before every clsact filter and write it on every packet of
+// their veth, and nothing between them and our cls_bpf counter is ours to trust
+// with it, so the tag carries the id and direction as well as a constant.
+#define BWP_CB 4
+#define BWP_TAG(id, from_pod) (0xb0d00000u ^ ((id) << 1) ^ (from_pod))
+
+static __always_inline int bwp_tcx_counts(__u32 ifindex, __u32 id)
+{
+    __u32 *claim = bwp_tcx.lookup(&ifindex);
+    return claim && (*claim & BWP_TCX_ID) == id && (*claim & BWP_TCX_COUNTS);
 }
 
 // cls_bpf counting: the filter's classid is the attachment id
@@ -209,8 +239,13 @@ static __always_inline int bwp_cls_count(struct __sk_buff *skb, int from_pod)
 {
     __u32 id = skb->tc_classid & 0xffff;
     struct bwp_val *val = bwp_attach.lookup(&id);
-    if (val)
-        bwp_account(skb, val, id, from_pod);
+    if (!val)
+        return TC_ACT_UNSPEC;
+    // counted by the TCX program already (during the agent's handover): the tag
+    // alone could be another tool's leftover, so the flag must say so too
+    if (skb->cb[BWP_CB] == BWP_TAG(id, from_pod) && bwp_tcx_counts(skb->ifindex, id))
+        return TC_ACT_UNSPEC;
+    bwp_account(skb, val, id, from_pod);
     return TC_ACT_UNSPEC;
 }
 
@@ -238,13 +273,14 @@ int bwp_from_pod_mirred(struct __sk_buff *skb)
 int bwp_to_pod(struct __sk_buff *skb) { return bwp_cls_count(skb, 0); }
 
 // The attachment of the veth this TCX program runs on, if its entry says so.
-static __always_inline struct bwp_val *bwp_tcx_val(struct __sk_buff *skb, __u32 *id)
+static __always_inline struct bwp_val *bwp_tcx_val(struct __sk_buff *skb, __u32 *id, int *counts)
 {
     __u32 ifindex = skb->ifindex;
-    __u32 *found = bwp_tcx.lookup(&ifindex);
-    if (!found)
+    __u32 *claim = bwp_tcx.lookup(&ifindex);
+    if (!claim)
         return 0;
-    *id = *found;
+    *id = *claim & BWP_TCX_ID;
+    *counts = (*claim & BWP_TCX_COUNTS) != 0;
     struct bwp_val *val = bwp_attach.lookup(id);
     return val && val->host_ifindex == ifindex ? val : 0;
 }
@@ -252,10 +288,18 @@ static __always_inline struct bwp_val *bwp_tcx_val(struct __sk_buff *skb, __u32 
 static __always_inline int bwp_tcx_count(struct __sk_buff *skb, int from_pod)
 {
     __u32 id = 0;
-    struct bwp_val *val = bwp_tcx_val(skb, &id);
-    if (val)
+    int counts = 0;
+    struct bwp_val *val = bwp_tcx_val(skb, &id, &counts);
+    if (!val)
+        return TC_ACT_UNSPEC;  // TCX_NEXT
+    if (counts) {
         bwp_account(skb, val, id, from_pod);
-    return TC_ACT_UNSPEC;  // TCX_NEXT
+        skb->cb[BWP_CB] = BWP_TAG(id, from_pod);
+    } else {
+        bwp_classify(skb, val, id, from_pod);  // cls_bpf still counts
+        skb->cb[BWP_CB] = 0;
+    }
+    return TC_ACT_UNSPEC;
 }
 
 int bwp_tcx_from_pod(struct __sk_buff *skb) { return bwp_tcx_count(skb, 1); }

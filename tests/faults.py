@@ -18,7 +18,7 @@ from typing import Any
 
 from bwplugin.cni import settings
 from bwplugin.cni.errors import IOFailureError
-from bwplugin.commands import add
+from bwplugin.commands import add, handover
 from bwplugin.datapath import probe, tc, tcx
 from bwplugin.datapath.netlink import Netlink
 
@@ -72,7 +72,8 @@ def _point_of_tcx(progs: Any, ifindex: int, owner: int, hook: str) -> str | None
 def install() -> None:
     """After each step of ADD has made its object and registered its undo: the map
     entry (with its prefixes and pod), the clsact, each root qdisc, the redirect
-    filter, and the from-pod TCX link (the last step on the TCX path). ADD alone
+    filter, and the from-pod TCX link (the last step on the TCX path, or, through
+    the agent, the handover's, after ADD answered). ADD and the handover alone
     sees the wrapped tc (the kernel probes keep the real one)."""
     add._add_entry = _after(add._add_entry, lambda *a, **k: "after-map")
     add.add_root = _after(add.add_root, _point_of_root)
@@ -81,6 +82,8 @@ def install() -> None:
     Netlink.create_link = _after(Netlink.create_link, _point_of_create)  # type: ignore[method-assign]
     add.tc = SimpleNamespace(**{**vars(tc), "add_bpf_filter": _after(tc.add_bpf_filter, _point_of_filter)})  # type: ignore[assignment]
     add.tcx = SimpleNamespace(**{**vars(tcx), "attach": _after(tcx.attach, _point_of_tcx)})  # type: ignore[assignment]
+    # through the agent, the TCX links are the handover's (after ADD answered)
+    handover.tcx = SimpleNamespace(**{**vars(tcx), "attach": _after(tcx.attach, _point_of_tcx)})  # type: ignore[assignment]
     # "redirect-ignored": the once-per-boot redirect probe sends its frames through a
     # program that never redirects, so they never reach its ifb, as on a kernel
     # before 6.4; the decision that follows (act_mirred) is the product's own

@@ -218,3 +218,26 @@ def pinned_ids(name: str, pin_dir: str | None = None) -> set[int]:
         return set()
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", path], capture_output=True, text=True, check=True)
     return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little") for e in json.loads(out.stdout)}
+
+
+def handed_over(netns: str, dev: str, timeout: float = 5.0) -> float:
+    """Seconds until bwplugin's TCX programs head both hooks of the veth and its
+    cls_bpf counting filters (prio 0xb0d) are gone: through the agent, ADD answers
+    with cls_bpf counting and the agent moves it to TCX links right after.
+    Read with a raw BPF_PROG_QUERY and tc(8); fails past the timeout."""
+    import time
+
+    start = time.monotonic()
+    while True:
+        heads = [(tcx_chain(netns, dev, hook) or ["-"])[0] for hook in ("ingress", "egress")]
+        prios = set()
+        for hook in ("ingress", "egress"):
+            out = subprocess.run(
+                ["nsenter", f"--net={netns}", "tc", "-j", "filter", "show", "dev", dev, hook],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            prios |= {f.get("pref") for f in json.loads(out or "[]")}
+        if heads == ["bwp_tcx_from_pod", "bwp_tcx_to_pod"] and 0xB0D not in prios:
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout, f"no handover to TCX on {dev} within {timeout} s: {heads} {prios}"
+        time.sleep(0.01)

@@ -29,7 +29,7 @@ from bwplugin.datapath import bpf
 from bwplugin.datapath.netlink import CLONE_NEWNET
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import kernel_has_tcx, link_pins, settled_ifbs, settled_tcx_chain, tcx_chain, view
+from .oracle import handed_over, kernel_has_tcx, link_pins, settled_ifbs, settled_tcx_chain, tcx_chain, view
 
 pytestmark = pytest.mark.kernel
 RATE = 10_000_000
@@ -223,6 +223,8 @@ def test_foreign_filters_keep_counting_and_the_rate_holds(
         (tool,) = tools
         veth = host_veth(pod, att.result)
         assert tool.made_clsact == (when == "before-add")  # before: bwplugin shares the other tool's clsact
+        if mode == "tcx" and lab.agent is not None:
+            handed_over(lab.node, veth)  # the agent's move to TCX links, after ADD answered
         # bwplugin counts first and redirects last; the other tool's filters sit around them
         if mode == "tcx":  # counting by TCX links, ahead of every clsact filter
             assert tool.kinds("ingress") == [(1, "u32"), (FOREIGN_PRIO, "bpf"), (0xFB0D, "bpf")]

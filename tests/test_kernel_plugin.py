@@ -369,6 +369,8 @@ def test_check_detects_unexpected_shaping(lab: Lab) -> None:
     ["after-ingress", "after-ifb-create", "after-ifb", "after-map", "after-clsact", "after-tcx", "after-filter"],
 )
 def test_add_failure_rolls_back(lab: Lab, point: str) -> None:
+    if point == "after-tcx" and lab.use_agent:
+        pytest.skip("through the agent, ADD attaches no TCX link: test_handover.py fails the handover there")
     pod = lab.pod("a")
     before = map_ids()
     lab.set_fault(point)
@@ -501,7 +503,10 @@ def test_status_and_version(lab: Lab) -> None:
 def test_traffic_is_shaped_both_directions(lab: Lab) -> None:
     """UDP sent at 1.5x the rate keeps the shaper backlogged: the wire rate must be the
     configured rate. TCP must hold it too: within 5 % on the wire and in goodput
-    (measured 0.964-1.019 over 13 runs), and never 2 % above it on the wire."""
+    (measured 0.964-1.019 over 13 runs), and never 2 % above it on the wire. A TCP
+    shortfall is measured once more: 1 in 12 fresh 3 s flows at 10 Mbit/s reads
+    0.92 (an early retransmission timeout under tail drop; the same before and after
+    the TCX handover), and a shaper holding a wrong rate fails both runs."""
     conflist = lab.conflist(shaper())
     peer, pod = lab.pod("peer"), lab.pod("a")
     lab.attach(peer, conflist)
@@ -514,10 +519,15 @@ def test_traffic_is_shaped_both_directions(lab: Lab) -> None:
         with Sampler(lab.node, [dev]) as s:
             lab.iperf(pod, peer, seconds=3, reverse=direction == "ingress", udp_rate=rate * 3 // 2)
         assert abs(s.steady_rate(dev) / rate - 1) < 0.02, (direction, "udp", s.steady_rate(dev))
-        with Sampler(lab.node, [dev]) as s:
-            result = lab.iperf(pod, peer, seconds=3, reverse=direction == "ingress")
-        wire = s.steady_rate(dev) / rate
-        goodput = iperf_goodput(result) / (rate * TCP_GOODPUT_CEILING)
+        for attempt in (1, 2):
+            with Sampler(lab.node, [dev]) as s:
+                result = lab.iperf(pod, peer, seconds=3, reverse=direction == "ingress")
+            wire = s.steady_rate(dev) / rate
+            goodput = iperf_goodput(result) / (rate * TCP_GOODPUT_CEILING)
+            assert wire < 1.02, (direction, "tcp wire", wire)  # an excess is never measured again
+            if wire > 0.95 and goodput > 0.95:
+                break
+            print(f"{direction}: TCP attempt {attempt} fell short (wire {wire:.3f}, goodput {goodput:.3f})")
         assert 0.95 < wire < 1.02, (direction, "tcp wire", wire)
         assert 0.95 < goodput < 1.04, (direction, "tcp goodput / ceiling", goodput)
 

@@ -4,6 +4,7 @@ the last step, and undoing all of it, newest first, if any step fails."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any
 
 from ..cni.config import Direction, Env, NetConf, Policy, Subnets
@@ -15,6 +16,11 @@ from ..datapath.naming import IfbLabel, format_alias, ifb_name, network_tag
 from ..datapath.netlink import Link, Netlink, NetlinkError
 from ..datapath.shaping import NS_PER_TICK, U32_MAX, TBFParams, tbf_params
 from .common import HostVeth, Undo, entry_flags, find_host_veth, owner_of, shaping_entry
+from .handover import Handover
+
+# Set by the agent: takes an attachment whose counting is to move to TCX links
+# once ADD has answered (each TCX attach waits for RCU under the rtnl lock).
+tcx_handover: Callable[[Handover], None] | None = None
 
 
 def _clsact_to_share(nl: Netlink, host: HostVeth) -> bool:
@@ -82,10 +88,13 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, shared: bool, und
     mode = probe.redirect_mode(progs, conf.policy.egress_redirect) if bw.egress else "bpf"
     attach_id = _add_entry(progs, env, conf, host, undo)
     use_tcx = probe.attach_mode(progs, conf.policy.tc_attach) == "tcx"
-    if use_tcx and not bpf.tcx_claim(progs.tcx_fd, progs.map_fd, host.index, attach_id):
+    # through the agent, the TCX links come after the answer (commands/handover.py)
+    defer = use_tcx and tcx_handover is not None
+    if use_tcx and not bpf.tcx_claim(progs.tcx_fd, progs.map_fd, host.index, attach_id, counts=not defer):
         log(f"ifindex {host.index} ({host.name}) is held by another live attachment: counting with cls_bpf")
-        use_tcx = False  # bpf.release (the entry's undo) drops a claim that was made
-    record = shaping_entry(conf, host, shared, use_tcx, redirect=mode if bw.egress else None)
+        use_tcx = defer = False  # bpf.release (the entry's undo) drops a claim that was made
+    counting = "pending" if defer else "tcx" if use_tcx else "tc"
+    record = shaping_entry(conf, host, shared, counting, redirect=mode if bw.egress else None)
     bpf.shaping_set(progs.shaping_fd, attach_id, record)
     owner = owner_of(conf, env)
     if use_tcx:
@@ -97,7 +106,7 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, shared: bool, und
     # then see the same packets, however long the steps between take.
     if not shared:
         _add_clsact(nl, host.index, undo)
-    if use_tcx:
+    if counting == "tcx":
         for side in ("egress", "ingress"):
             tcx.attach(progs, host.index, owner, side)
     else:
@@ -124,6 +133,9 @@ def _add(nl: Netlink, env: Env, conf: NetConf, host: HostVeth, shared: bool, und
     _add_filter(nl, host.index, tc.CLSACT_INGRESS, tc.TAIL_PRIO, progs, redirect, attach_id, mirred_to, undo)
     bpf.attach_update(progs.map_fd, attach_id, flags=flags | bpf.F_COUNT_FROM_POD)
     progs.close()  # the filters hold the programs now; a long-lived agent must not keep fds
+    if defer:
+        assert tcx_handover is not None
+        tcx_handover(Handover(attach_id, owner, host.index))
     return ifb
 
 

@@ -9,6 +9,7 @@ from ..datapath import bpf, probe, tc, tcx
 from ..datapath.naming import ifb_name
 from ..datapath.netlink import Link, Netlink
 from ..datapath.shaping import htb_leaf_limit, tbf_params
+from . import handover
 from .common import HostVeth, entry_flags, find_host_veth, in_force, owner_of, recorded_redirect
 
 
@@ -20,31 +21,37 @@ def cmd_check(env: Env, conf: NetConf) -> None:
     problems: list[str] = []
     with Netlink() as nl:
         host = find_host_veth(nl, env, conf.prev_result)
-        live = _after_live_changes(nl, problems, conf, host)
-        bw = live.bandwidth
-        lifted = live is not conf  # set live to no rate at all: the counting filters stay
-        conf = live
-        name = ifb_name(conf.name, env.container_id, env.ifname)
-        ifb = nl.link(name=name)
-        filters = tc.our_filters(nl, host.index)
-        if not bw.shaped:
-            if (filters and not lifted) or tc.is_our_root(tc.root_qdisc(nl, host.index)) or ifb is not None:
-                problems.append(f"{host.name}: shaped by bwplugin but no rate is configured")
-        else:
-            _check_root(nl, problems, f"ingress qdisc on {host.name}", host.index, bw.ingress, conf, host)
-            if bw.egress:
-                if ifb is None or ifb.kind != "ifb":
-                    problems.append(f"ifb {name}: missing")
-                    ifb = None
-                else:
-                    if not ifb.up:
-                        problems.append(f"ifb {name}: down")
-                    _check_root(nl, problems, f"egress qdisc on {name}", ifb.index, bw.egress, conf, host)
-            elif ifb is not None:
-                problems.append(f"ifb {name}: present but no egress rate is configured")
-            _check_steering(nl, problems, env, conf, host, filters, ifb)
+        attach_id = tc.our_classid(nl, host.index)
+        with handover.settled([attach_id] if attach_id else []):  # not in the middle of the agent's handover
+            _check(nl, problems, env, conf, host)
     if problems:
         raise CheckMismatchError("shaping state does not match the config: " + "; ".join(problems))
+
+
+def _check(nl: Netlink, problems: list[str], env: Env, conf: NetConf, host: HostVeth) -> None:
+    live = _after_live_changes(nl, problems, conf, host)
+    bw = live.bandwidth
+    lifted = live is not conf  # set live to no rate at all: the counting filters stay
+    conf = live
+    name = ifb_name(conf.name, env.container_id, env.ifname)
+    ifb = nl.link(name=name)
+    filters = tc.our_filters(nl, host.index)
+    if not bw.shaped:
+        if (filters and not lifted) or tc.is_our_root(tc.root_qdisc(nl, host.index)) or ifb is not None:
+            problems.append(f"{host.name}: shaped by bwplugin but no rate is configured")
+    else:
+        _check_root(nl, problems, f"ingress qdisc on {host.name}", host.index, bw.ingress, conf, host)
+        if bw.egress:
+            if ifb is None or ifb.kind != "ifb":
+                problems.append(f"ifb {name}: missing")
+                ifb = None
+            else:
+                if not ifb.up:
+                    problems.append(f"ifb {name}: down")
+                _check_root(nl, problems, f"egress qdisc on {name}", ifb.index, bw.egress, conf, host)
+        elif ifb is not None:
+            problems.append(f"ifb {name}: present but no egress rate is configured")
+        _check_steering(nl, problems, env, conf, host, filters, ifb)
 
 
 def _after_live_changes(nl: Netlink, problems: list[str], conf: NetConf, host: HostVeth) -> NetConf:
@@ -142,6 +149,12 @@ def _check_steering(
         tail = filters.get((tc.CLSACT_INGRESS, tc.TAIL_PRIO))
         record = bpf.shaping_get(progs.shaping_fd, tail.classid) if tail is not None else None
         on_tcx = record is not None and bool(record.flags & bpf.S_TCX)  # how ADD counted
+        # an agent that died in the middle of its handover left it for its next start:
+        # counting is either still cls_bpf's, or already the links' (the claim says which)
+        pending = record is not None and bool(record.flags & bpf.S_TCX_PENDING)
+        if pending and tail is not None:
+            claim = bpf.tcx_claims(progs.tcx_fd, raw=True).get(host.index, 0)
+            on_tcx = claim == tail.classid | bpf.TCX_COUNTS
         mode = _redirect_mode(progs, conf, record) if conf.bandwidth.egress else "bpf"
         mirred_to = ifb.index if ifb is not None and mode == "mirred" else None
         want = {(tc.CLSACT_INGRESS, tc.TAIL_PRIO): ("bwp_from_pod_mirred" if mirred_to else "bwp_from_pod", mirred_to)}
@@ -169,13 +182,16 @@ def _check_steering(
         owner = owner_of(conf, env)
         if on_tcx:
             _check_tcx(problems, progs, owner, host)
-        elif tcx.pinned(owner):
+        elif tcx.pinned(owner) and not pending:
             problems.append(f"TCX links of {host.name}: present, but this attachment counts with cls_bpf filters")
         if len(ids) != 1:
             if len(ids) > 1:
                 problems.append(f"filters on {host.name}: carry different attachment ids {sorted(ids)}")
             return
-        _check_entry(problems, progs, ids.pop(), env, conf, host, ifb)
+        attach_id = ids.pop()
+        _check_entry(problems, progs, attach_id, env, conf, host, ifb)
+        if on_tcx:
+            _check_claim(problems, progs, attach_id, owner, host)
     finally:
         progs.close()
 
@@ -237,6 +253,23 @@ def _check_tcx(problems: list[str], progs: bpf.Programs, owner: int, host: HostV
                 f"TCX {hook} hook of {host.name}: expected bwplugin's {prog} (prog id {info.prog_id}) first, "
                 f"found {first} before it"
             )
+
+
+def _check_claim(problems: list[str], progs: bpf.Programs, attach_id: int, owner: int, host: HostVeth) -> None:
+    """Links running this build's programs count only while the veth's claim says
+    so (TCX_COUNTS, set at the handover); those of builds before the handover read
+    the whole claim as the id, and another build's may be either."""
+    links = tcx.pinned(owner)
+    current = all(
+        (link := links.get(hook)) is not None and link.info is not None and link.info.prog_id == progs.prog_id(prog)
+        for hook, prog in tcx.PROGRAM.items()
+    )
+    want = {attach_id | bpf.TCX_COUNTS} if current else {attach_id | bpf.TCX_COUNTS, attach_id}
+    got = bpf.tcx_claims(progs.tcx_fd, raw=True).get(host.index)
+    if got not in want:
+        actual = "none" if got is None else f"{got:#x}"
+        expected = " or ".join(f"{w:#x}" for w in sorted(want, reverse=True))
+        problems.append(f"TCX claim of ifindex {host.index} ({host.name}): expected {expected}, actual {actual}")
 
 
 def _check_entry(

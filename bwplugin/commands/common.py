@@ -139,10 +139,15 @@ def recorded_redirect(flags: int) -> str:
     return "mirred" if flags & bpf.S_REDIRECT_MIRRED else "bpf" if flags & bpf.S_REDIRECT_BPF else "auto"
 
 
+COUNTING_FLAGS = {"tc": 0, "tcx": bpf.S_TCX, "pending": bpf.S_TCX_PENDING}
+
+
 def shaping_entry(
-    conf: NetConf, host: HostVeth, shared_clsact: bool = False, tcx: bool = False, redirect: str | None = None
+    conf: NetConf, host: HostVeth, shared_clsact: bool = False, counting: str = "tc", redirect: str | None = None
 ) -> bpf.ShapingEntry:
     """What ADD shapes with, recorded for live changes and for CHECK after one.
+    counting: "tc" (cls_bpf filters), "tcx" (TCX links), "pending" (cls_bpf
+    until the agent's handover to TCX links, commands/handover.py).
     redirect: the redirect ADD chose for egress ("bpf" or "mirred", where "auto"
     was probed), so that CHECK and live changes hold to it rather than to a later
     probe's answer; None: the config's own (egress not shaped yet)."""
@@ -150,7 +155,7 @@ def shaping_entry(
     rates = ((bw.ingress.rate, bw.ingress.burst) if bw.ingress else (0, 0),
              (bw.egress.rate, bw.egress.burst) if bw.egress else (0, 0))  # fmt: skip
     flags = REDIRECT_FLAGS[redirect or conf.policy.egress_redirect] | (bpf.S_STATIC if bw.source == "static" else 0)
-    flags |= (bpf.S_CLSACT_SHARED if shared_clsact else 0) | (bpf.S_TCX if tcx else 0)
+    flags |= (bpf.S_CLSACT_SHARED if shared_clsact else 0) | COUNTING_FLAGS[counting]
     return bpf.ShapingEntry(
         add=rates, now=rates,
         subnets_digest=bpf.subnets_digest(conf.subnets.networks if conf.subnets else ()),

@@ -10,6 +10,7 @@ from ..cni.errors import HostInterfaceError, InvalidConfigError, InvalidEnvError
 from ..datapath import bpf, tc, tcx
 from ..datapath.naming import ifb_name, parse_alias
 from ..datapath.netlink import Link, Netlink
+from . import handover
 from .common import find_host_veth, owner_of, teardown_host
 
 # Set by the agent: hands an inert ifb to a background thread, because deleting a
@@ -35,17 +36,18 @@ def cmd_del(env: Env, conf: NetConf) -> None:
             proven = any(entry.host_index == host_index for entry in entries.values())
             if host_index is not None and not proven and _ifb_vouches_for(nl, ifb, host_index):
                 teardown_host(nl, host_index)  # its map entry is gone, but its ifb names the veth
-            for attach_id, entry in entries.items():
-                # a veth is touched only with proof that its objects are this attachment's:
-                # its map entry names it and CNI_NETNS leads to it, or its filters carry the
-                # entry's id. CNI_NETNS alone proves nothing: without prevResult, a reused
-                # /proc/<pid>/ns/net can lead to another pod's veth.
-                teardown_host(nl, entry.host_index, None if entry.host_index == host_index else attach_id)
-            # the links are named by owner: found even with no entry, veth or netns left
-            links = tcx.unpin(owner)
-            for attach_id in entries:
-                assert map_fd is not None
-                bpf.release(map_fd, lpm_fd, attach_id)  # the links are inert from here on
+            with handover.settled(list(entries)):  # not in the middle of the agent's handover
+                for attach_id, entry in entries.items():
+                    # a veth is touched only with proof that its objects are this attachment's:
+                    # its map entry names it and CNI_NETNS leads to it, or its filters carry the
+                    # entry's id. CNI_NETNS alone proves nothing: without prevResult, a reused
+                    # /proc/<pid>/ns/net can lead to another pod's veth.
+                    teardown_host(nl, entry.host_index, None if entry.host_index == host_index else attach_id)
+                # the links are named by owner: found even with no entry, veth or netns left
+                links = tcx.unpin(owner)
+                for attach_id in entries:
+                    assert map_fd is not None
+                    bpf.release(map_fd, lpm_fd, attach_id)  # the links are inert from here on
             if host_index is not None and map_fd is not None:
                 _drop_stale_claim(map_fd, host_index)
             if links and link_releaser is not None:

@@ -8,6 +8,7 @@ from ..cni.errors import IOFailureError
 from ..datapath import bpf, tc, tcx
 from ..datapath.naming import IFB_PREFIX, ifb_name, network_tag, parse_alias
 from ..datapath.netlink import Link, Netlink
+from . import handover
 from .common import teardown_host
 
 
@@ -28,10 +29,11 @@ def cmd_gc(conf: NetConf) -> None:
                 if entry.network != network or entry.owner in keep or map_fd is None:
                     continue
                 try:
-                    teardown_host(nl, entry.host_index, attach_id)
-                    tcx.detach(entry.owner)
-                    _delete_labelled_ifb(nl, entry.ifb_index, attach_id)
-                    bpf.release(map_fd, lpm_fd, attach_id)
+                    with handover.settled([attach_id]):  # not in the middle of the agent's handover
+                        teardown_host(nl, entry.host_index, attach_id)
+                        tcx.detach(entry.owner)
+                        _delete_labelled_ifb(nl, entry.ifb_index, attach_id)
+                        bpf.release(map_fd, lpm_fd, attach_id)
                 except OSError as exc:
                     failures.append(f"attachment {attach_id} ({entry.container_id}/{entry.ifname}): {exc}")
             if map_fd is not None:

@@ -52,6 +52,9 @@ S_REDIRECT_BPF, S_REDIRECT_MIRRED = 16, 32  # egressRedirect forced (neither: au
 S_SHAPED_LIST = 64  # under S_SUBNETS_OVERRIDE: the list is shapedSubnets
 S_CLSACT_SHARED = 128  # the veth's clsact was there before ADD (another tool's): never ours to delete
 S_TCX = 256  # counted by TCX links (bwp_tcx_*), not by cls_bpf filters
+S_TCX_PENDING = 512  # counted by cls_bpf filters until the agent moves the counting to TCX links
+# bwp_tcx values (see bpf/bwplugin.c): the attachment id, and whether its TCX programs count
+TCX_ID, TCX_COUNTS = 0xFFFF, 0x10000
 S_OVERRIDES = S_INGRESS_OVERRIDE | S_EGRESS_OVERRIDE | S_SUBNETS_OVERRIDE
 INGRESS, EGRESS = 0, 1  # bwp_shaping's array indices
 
@@ -202,18 +205,19 @@ def prog_name(prog_id: int) -> str:
         os.close(fd)
 
 
-def tcx_claim(fd: int, map_fd: int, ifindex: int, attach_id: int) -> bool:
-    """Point the TCX programs on this ifindex at the attachment; False if another
-    live attachment holds the ifindex (a veth of that index in another netns)."""
+def tcx_claim(fd: int, map_fd: int, ifindex: int, attach_id: int, counts: bool = True) -> bool:
+    """Point the TCX programs on this ifindex at the attachment (counting, or only
+    classifying until the agent's handover: tcx_count); False if another live
+    attachment holds the ifindex (a veth of that index in another netns)."""
     key = KEY.pack(ifindex)
     old = map_lookup(fd, key, KEY.size)
     if old is not None:
-        holder = KEY.unpack(old)[0]
+        holder = KEY.unpack(old)[0] & TCX_ID
         if holder != attach_id and attach_get(map_fd, holder) is not None:
             return False
         map_delete(fd, key)  # a stale claim: its attachment is gone
     try:
-        map_update(fd, key, KEY.pack(attach_id), BPF_NOEXIST)
+        map_update(fd, key, KEY.pack(attach_id | (TCX_COUNTS if counts else 0)), BPF_NOEXIST)
     except OSError as exc:
         if exc.errno == errno.EEXIST:
             return False  # a concurrent ADD on the same ifindex won
@@ -221,15 +225,24 @@ def tcx_claim(fd: int, map_fd: int, ifindex: int, attach_id: int) -> bool:
     return True
 
 
+def tcx_count(fd: int, ifindex: int, attach_id: int, counts: bool = True) -> None:
+    """The handover: from this write on the TCX programs count the attachment, and
+    its cls_bpf counters skip what they counted (one atomic value replace); or,
+    counts=False, back to the cls_bpf counters alone."""
+    map_update(fd, KEY.pack(ifindex), KEY.pack(attach_id | (TCX_COUNTS if counts else 0)), BPF_EXIST)
+
+
 def tcx_release(fd: int, ifindex: int, attach_id: int) -> None:
     """Drop the ifindex's claim, only if it is this attachment's."""
     raw = map_lookup(fd, KEY.pack(ifindex), KEY.size)
-    if raw is not None and KEY.unpack(raw)[0] == attach_id:
+    if raw is not None and KEY.unpack(raw)[0] & TCX_ID == attach_id:
         map_delete(fd, KEY.pack(ifindex))
 
 
-def tcx_claims(fd: int) -> dict[int, int]:
-    return {KEY.unpack(k)[0]: KEY.unpack(v)[0] for k, v in map_items(fd, KEY.size, KEY.size)}
+def tcx_claims(fd: int, raw: bool = False) -> dict[int, int]:
+    """ifindex -> attachment id (raw: the value, with TCX_COUNTS)."""
+    mask = 0xFFFFFFFF if raw else TCX_ID
+    return {KEY.unpack(k)[0]: KEY.unpack(v)[0] & mask for k, v in map_items(fd, KEY.size, KEY.size)}
 
 
 def tcx_drop_stale(fd: int, map_fd: int, ifindex: int | None = None) -> int:
@@ -239,7 +252,7 @@ def tcx_drop_stale(fd: int, map_fd: int, ifindex: int | None = None) -> int:
         claims = tcx_claims(fd)
     else:
         raw = map_lookup(fd, KEY.pack(ifindex), KEY.size)
-        claims = {ifindex: KEY.unpack(raw)[0]} if raw is not None else {}
+        claims = {ifindex: KEY.unpack(raw)[0] & TCX_ID} if raw is not None else {}
     dropped = 0
     for index, attach_id in claims.items():
         entry = attach_get(map_fd, attach_id)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .. import cli
 from ..cni import settings
-from ..commands import delete, gc
+from ..commands import add, delete, gc, handover
 from ..datapath import tcx
 from ..datapath.netlink import Link, Netlink
 from .client import DEFAULT_SOCKET, FORWARDED, OP
@@ -114,6 +114,9 @@ class Handler(socketserver.StreamRequestHandler):
             metrics.observe(command, out, time.perf_counter() - start)
         with contextlib.suppress(OSError):  # the client may be gone; the work is done
             self.wfile.write(encode_reply(code, out, lines))
+        server = cast(Server, self.server)
+        if server.mover is not None:
+            server.mover.flush()  # an ADD's handover to TCX links, now that it has answered
 
     def _refuse(self, msg: str) -> None:
         """Answer with a CNI error, then read (a bounded amount of) what the client
@@ -143,6 +146,7 @@ class Server(socketserver.ThreadingUnixStreamServer):
         self.idle = threading.Condition()
         self.in_flight = 0
         self.watch_thread: threading.Thread | None = None
+        self.mover: Mover | None = None  # set by serve()
 
     def health(self) -> dict[str, Any]:
         """Live: this answer came, and the annotation watch (if on) still runs.
@@ -219,6 +223,51 @@ class Releaser:
                     print(f"bwplugin agent: releasing {item} failed: {exc}", file=sys.stderr, flush=True)
 
     def drain(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+
+class Mover:
+    """Moves attachments' counting to TCX links (commands/handover.py) once their
+    ADD has answered: ADD hands them over, and they are queued when its reply has
+    been written, so that the answer never waits for the kernel's RCU waits."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[handover.Handover | None] = queue.Queue()
+        self.held = threading.local()  # the request thread's items, until its reply is out
+        self.thread = threading.Thread(target=self._run, name="bwplugin-tcx-handover", daemon=True)
+        self.thread.start()
+
+    def __call__(self, item: handover.Handover) -> None:
+        if not hasattr(self.held, "items"):
+            self.held.items = []
+        self.held.items.append(item)
+
+    def flush(self) -> None:
+        for item in getattr(self.held, "items", []):
+            self.queue.put(item)
+        self.held.items = []
+
+    def resume(self) -> int:
+        """What an earlier agent left pending (it died, or stopped, before moving them)."""
+        items = handover.pending()
+        for item in items:
+            self.queue.put(item)
+        return len(items)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                handover.run(item)
+            except Exception as exc:  # noqa: BLE001 (the thread must live on; the record stays pending)
+                print(f"bwplugin agent: moving attachment {item.attach_id} to TCX failed: {exc}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+
+    def stop(self) -> None:
+        """Finish the item in progress; what is still queued stays pending for the next start."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
         self.queue.put(None)
         self.thread.join()
 
@@ -353,11 +402,14 @@ def serve(
     releaser = Releaser()
     delete.ifb_releaser = releaser
     delete.link_releaser = releaser
+    mover = server.mover = Mover()
+    add.tcx_handover = mover
+    resumed = mover.resume()
     watcher = None
     if watch_node:
         watcher, server.watch_thread = start_watch(watch_node, kubeconfig, metrics)
-    print(f"bwplugin agent: serving {path} (pid {os.getpid()}), swept {swept} orphan ifb(s)", file=sys.stderr,
-          flush=True)  # fmt: skip
+    print(f"bwplugin agent: serving {path} (pid {os.getpid()}), swept {swept} orphan ifb(s), resumed {resumed} "
+          "handover(s) to TCX", file=sys.stderr, flush=True)  # fmt: skip
     if ready:
         ready.set()
     try:
@@ -371,6 +423,8 @@ def serve(
         if path.exists():
             path.unlink()
         stuck = server.wait_idle(DRAIN_TIMEOUT)
+        add.tcx_handover = None
+        mover.stop()
         delete.ifb_releaser = None
         delete.link_releaser = None
         releaser.drain()
