@@ -339,6 +339,8 @@ def test_check_fails_on_a_tcx_program_ahead_of_ours(lab: Lab, foreign_prog: Fore
     pod = lab.pod("a")
     att = lab.attach(pod, lab.conflist(shaper(tcAttach="tcx")), bandwidth(ingress=RATE, egress=RATE))
     veth = host_veth(pod, att.result)
+    if lab.agent is not None:
+        handed_over(lab.node, veth)
     att.check()
     link = tcx_attach(lab.node, veth, foreign_prog, "egress", bpf.BPF_F_BEFORE)
     try:
