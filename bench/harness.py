@@ -16,7 +16,8 @@ PLUGINS = {
     "bwplugin": {"type": "bwplugin", "capabilities": {"bandwidth": True}},
     "reference": {"type": "bandwidth", "capabilities": {"bandwidth": True}},  # Debian's Go plugin
 }
-SUBNETS = {"peer": "10.234.0.0/24", "bwplugin": "10.234.4.0/22", "reference": "10.234.8.0/22"}
+# /20: room for the cost section run with --background 2000 (pods of each plugin)
+SUBNETS = {"peer": "10.234.0.0/24", "bwplugin": "10.234.16.0/20", "reference": "10.234.32.0/20"}
 CRIO_BURST = 34359738359
 MEASURE_PORT, LOAD_PORT = 5201, 5202
 

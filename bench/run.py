@@ -3,6 +3,7 @@
 python -m bench --profile quick       # a few minutes
 python -m bench --profile full        # longer: more rates, repeats and pods
 python -m bench --profile top         # accuracy at 5 and 10 Gbit/s only (~3 minutes)
+python -m bench --only cost --background 2000   # ADD/DEL time with 2000 pods of each plugin held
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(profile: str, out: Path, only: list[str] | None = None) -> dict[str, Any]:
+def run(profile: str, out: Path, only: list[str] | None = None, background: int | None = None) -> dict[str, Any]:
     spec = PROFILES[profile]
+    if background is not None:  # the cost section's pods held shaped while ADD/DEL are timed
+        spec = {**spec, "cost": {**spec["cost"], "background": background}}
     result: dict[str, Any] = {"meta": {"profile": profile, **machine()}}
     started = time.monotonic()
     with Lab(agent=True) as lab:
@@ -117,8 +120,9 @@ def main() -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--only", nargs="*", help="run only these sections", choices=list(PROFILES["quick"]))
+    parser.add_argument("--background", type=int, help="pods of each plugin held shaped in the cost section")
     args = parser.parse_args()
-    result = run(args.profile, args.out, args.only)
+    result = run(args.profile, args.out, args.only, args.background)
     print(report.markdown(result))
     return 0
 

@@ -153,7 +153,7 @@ def _check_steering(
         # counting is either still cls_bpf's, or already the links' (the claim says which)
         pending = record is not None and bool(record.flags & bpf.S_TCX_PENDING)
         if pending and tail is not None:
-            claim = bpf.tcx_claims(progs.tcx_fd, raw=True).get(host.index, 0)
+            claim = bpf.tcx_claim_of(progs.tcx_fd, host.index, raw=True) or 0
             on_tcx = claim == tail.classid | bpf.TCX_COUNTS
         mode = _redirect_mode(progs, conf, record) if conf.bandwidth.egress else "bpf"
         mirred_to = ifb.index if ifb is not None and mode == "mirred" else None
@@ -265,7 +265,7 @@ def _check_claim(problems: list[str], progs: bpf.Programs, attach_id: int, owner
         for hook, prog in tcx.PROGRAM.items()
     )
     want = {attach_id | bpf.TCX_COUNTS} if current else {attach_id | bpf.TCX_COUNTS, attach_id}
-    got = bpf.tcx_claims(progs.tcx_fd, raw=True).get(host.index)
+    got = bpf.tcx_claim_of(progs.tcx_fd, host.index, raw=True)
     if got not in want:
         actual = "none" if got is None else f"{got:#x}"
         expected = " or ".join(f"{w:#x}" for w in sorted(want, reverse=True))

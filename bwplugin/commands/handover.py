@@ -98,7 +98,7 @@ def _move(nl: Netlink, progs: bpf.Programs, item: Handover) -> str:
         f is None or (f.classid == item.attach_id and f.name == progs.filter_name(COUNTERS[hook][1]))
         for hook, f in counters.items()
     )
-    claim = bpf.tcx_claims(progs.tcx_fd).get(item.host_index)
+    claim = bpf.tcx_claim_of(progs.tcx_fd, item.host_index)
     if not current or claim != item.attach_id:
         # counters of another build know no handover; a lost claim, no TCX: stay on cls_bpf
         bpf.shaping_set(progs.shaping_fd, item.attach_id, replace(rec, flags=rec.flags & ~bpf.S_TCX_PENDING))

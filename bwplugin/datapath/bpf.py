@@ -239,6 +239,12 @@ def tcx_release(fd: int, ifindex: int, attach_id: int) -> None:
         map_delete(fd, KEY.pack(ifindex))
 
 
+def tcx_claim_of(fd: int, ifindex: int, raw: bool = False) -> int | None:
+    """One ifindex's claim: the attachment id (raw: the value, with TCX_COUNTS)."""
+    value = map_lookup(fd, KEY.pack(ifindex), KEY.size)
+    return None if value is None else KEY.unpack(value)[0] & (0xFFFFFFFF if raw else TCX_ID)
+
+
 def tcx_claims(fd: int, raw: bool = False) -> dict[int, int]:
     """ifindex -> attachment id (raw: the value, with TCX_COUNTS)."""
     mask = 0xFFFFFFFF if raw else TCX_ID
