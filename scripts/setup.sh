@@ -35,6 +35,8 @@ if [ ! -e "$KDIR/build/include" ]; then
   echo "setup: linked $KDIR/build -> $hdr"
 fi
 
+# the kernel (built-in bpf_preload) puts maps.debug and progs.debug into a fresh bpffs
+# mount; they are its own and cannot be unlinked (EPERM): not a leftover of ours
 mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf
 
 if [ ! -x "$VENV/bin/python" ]; then

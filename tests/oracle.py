@@ -3,6 +3,7 @@ bwplugin's own netlink code, so the tests do not grade their own homework."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -190,6 +191,7 @@ def tcx_chain(netns: str, dev: str, hook: str) -> list[str]:
     return names
 
 
+@functools.cache
 def kernel_has_tcx() -> bool:
     """Does the running kernel have TCX (CONFIG_NET_XGRESS, Linux 6.6+)? Read from
     its symbol table, not from bwplugin's probe."""
@@ -218,6 +220,14 @@ def pinned_ids(name: str, pin_dir: str | None = None) -> set[int]:
         return set()
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", path], capture_output=True, text=True, check=True)
     return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little") for e in json.loads(out.stdout)}
+
+
+def after_handover(netns: str, dev: str, through_agent: bool) -> None:
+    """Where ADD went through the agent on a kernel with TCX, wait for the agent's
+    move of the veth's counting to TCX links, so that what a test reads next is the
+    settled state; elsewhere nothing moves after ADD answered."""
+    if through_agent and kernel_has_tcx():
+        handed_over(netns, dev)
 
 
 def handed_over(netns: str, dev: str, timeout: float = 5.0) -> float:

@@ -26,7 +26,7 @@ from bwplugin.node.agent import decode_request, encode_reply
 from bwplugin.node.client import decode_reply, encode_request
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import handed_over, kernel_has_tcx, settled_ifbs, view
+from .oracle import after_handover, settled_ifbs, view
 
 pytestmark = pytest.mark.kernel
 
@@ -172,8 +172,8 @@ def test_sigterm_drains_the_ifb_releases_still_pending(agent_lab: Lab) -> None:
     pods = [lab.pod(f"p{i}") for i in range(16)]
     for pod in pods:
         lab.attach(pod, conflist, bandwidth(egress=10_000_000))
-        if kernel_has_tcx():  # DEL of an attachment still moving to TCX waits for the move: not this test's subject
-            handed_over(lab.node, host_veth(pod, pod.attachment.result))
+        # DEL of an attachment still moving to TCX waits for the move: not this test's subject
+        after_handover(lab.node, host_veth(pod, pod.attachment.result), through_agent=True)
     assert len(view(lab.node).ifbs()) == 16
 
     answers = shaper_dels_at_once(lab, pods)

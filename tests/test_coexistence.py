@@ -29,7 +29,16 @@ from bwplugin.datapath import bpf
 from bwplugin.datapath.netlink import CLONE_NEWNET
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import handed_over, kernel_has_tcx, link_pins, settled_ifbs, settled_tcx_chain, tcx_chain, view
+from .oracle import (
+    after_handover,
+    handed_over,
+    kernel_has_tcx,
+    link_pins,
+    settled_ifbs,
+    settled_tcx_chain,
+    tcx_chain,
+    view,
+)
 
 pytestmark = pytest.mark.kernel
 RATE = 10_000_000
@@ -339,8 +348,7 @@ def test_check_fails_on_a_tcx_program_ahead_of_ours(lab: Lab, foreign_prog: Fore
     pod = lab.pod("a")
     att = lab.attach(pod, lab.conflist(shaper(tcAttach="tcx")), bandwidth(ingress=RATE, egress=RATE))
     veth = host_veth(pod, att.result)
-    if lab.agent is not None:
-        handed_over(lab.node, veth)
+    after_handover(lab.node, veth, through_agent=lab.agent is not None)
     att.check()
     link = tcx_attach(lab.node, veth, foreign_prog, "egress", bpf.BPF_F_BEFORE)
     try:

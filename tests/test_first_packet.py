@@ -20,7 +20,7 @@ from pyroute2 import IPRoute
 from bench.lab.lab import Lab, Pod
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import handed_over, kernel_has_tcx
+from .oracle import after_handover
 
 pytestmark = pytest.mark.kernel
 
@@ -87,11 +87,10 @@ def test_the_first_100_ms_and_the_first_second_hold_the_rate(
 ) -> None:
     lab, peer, pod = pods
     att = lab.attach(pod, lab.conflist(shaper()), bandwidth(ingress=RATE, egress=RATE, burst=BURSTS[runtime]))
-    if lab.agent is not None and kernel_has_tcx():
-        # the agent's move to TCX links, ~40 ms after ADD: with the move delayed into the
-        # flow's first 100 ms, 2 of 33 runs read 14 % low or high (a CI run once, 65 %
-        # low); whether the kernel or the 2-CPU VM's contention: see docs/design.md
-        handed_over(lab.node, host_veth(pod, att.result))
+    # the agent's move to TCX links, ~40 ms after ADD: with the move delayed into the
+    # flow's first 100 ms, 2 of 33 runs read 14 % low or high (a CI run once, 65 %
+    # low); whether the kernel or the 2-CPU VM's contention: see docs/design.md
+    after_handover(lab.node, host_veth(pod, att.result), through_agent=lab.agent is not None)
     lab.iperf_server(peer)
     receiver = peer if direction == "egress" else pod
     with RxTimeline(receiver.netns, "eth0") as rx:  # UDP at 3x the rate keeps the shaper backlogged

@@ -17,7 +17,7 @@ from bwplugin.datapath.naming import ifb_name, parse_alias
 from bwplugin.datapath.tc import TBF_HANDLE
 
 from .conftest import bandwidth, host_veth, shaper
-from .oracle import handed_over, kernel_has_tcx, link_pins, pinned_ids, settled_ifbs, tcx_chain, view
+from .oracle import after_handover, handed_over, kernel_has_tcx, link_pins, pinned_ids, settled_ifbs, tcx_chain, view
 
 pytestmark = pytest.mark.kernel
 VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
@@ -262,8 +262,7 @@ def test_del_after_netns_is_gone(lab: Lab) -> None:
     lab.attach(pod, lab.conflist(shaper()), bandwidth(egress=10_000_000))
     attach_id = attach_id_of(lab, pod)
     conf = shaper_conf(pod)
-    if TCX and lab.agent is not None:  # the links exist once the agent has moved the counting
-        handed_over(lab.node, host_veth(pod))
+    after_handover(lab.node, host_veth(pod), through_agent=lab.agent is not None)  # the links exist from then
     subprocess.run(["ip", "netns", "del", pod.name], check=True)  # veth pair dies with it
     assert len(link_pins()) == (2 if TCX else 0)  # defunct links: their device is gone, their pins are not
     inv = lab.exec_shaper("DEL", pod, conf)
@@ -478,9 +477,8 @@ def test_gc_removes_only_stale_attachments_of_this_network(lab: Lab) -> None:
     lab.attach(a, conflist, bandwidth(ingress=10_000_000, egress=10_000_000))
     lab.attach(b, conflist, bandwidth(ingress=10_000_000, egress=10_000_000))
     b_id, b_veth = attach_id_of(lab, b), host_veth(b)
-    if TCX and lab.agent is not None:
-        for veth in (host_veth(a), b_veth):
-            handed_over(lab.node, veth)
+    for veth in (host_veth(a), b_veth):
+        after_handover(lab.node, veth, through_agent=lab.agent is not None)
     gc_conf = {"cniVersion": "1.1.0", "name": "bwpt-net", "type": "bwplugin"}
     other = {**gc_conf, "name": "another-net", "cni.dev/valid-attachments": []}
     assert lab.runtime.exec("bwplugin", "GC", other).rc == 0

@@ -18,7 +18,7 @@ import pytest
 
 from bench.lab.containerd import Containerd, LabError, Sandbox, bwplugin_conf
 
-from .oracle import handed_over, kernel_has_tcx
+from .oracle import after_handover
 from .test_containerd import ANNOTATED, assert_holds, assert_nothing_left, map_entries, qdiscs
 
 pytestmark = pytest.mark.kernel
@@ -220,8 +220,7 @@ BAD = [
 def test_bad_input_is_a_clear_error_and_changes_nothing(ctrd: Containerd) -> None:
     pod = ctrd.run_pod("pod-bad", ANNOTATED)
     veth = ctrd.host_veth(pod)
-    if ctrd.agent and kernel_has_tcx():  # the agent's move to TCX rewrites the shaping record once
-        handed_over(ctrd.node, veth)
+    after_handover(ctrd.node, veth, through_agent=ctrd.agent)  # the move rewrites the shaping record once
 
     def state() -> tuple[dict, dict, list]:
         return root_qdisc(ctrd, veth), root_qdisc(ctrd, ctrd.ifb_of(veth)), map_entries(ctrd, "shaping_v3")

@@ -242,13 +242,17 @@ def tcx_release(fd: int, ifindex: int, attach_id: int) -> None:
 def tcx_claim_of(fd: int, ifindex: int, raw: bool = False) -> int | None:
     """One ifindex's claim: the attachment id (raw: the value, with TCX_COUNTS)."""
     value = map_lookup(fd, KEY.pack(ifindex), KEY.size)
-    return None if value is None else KEY.unpack(value)[0] & (0xFFFFFFFF if raw else TCX_ID)
+    return None if value is None else KEY.unpack(value)[0] & _claim_mask(raw)
 
 
 def tcx_claims(fd: int, raw: bool = False) -> dict[int, int]:
     """ifindex -> attachment id (raw: the value, with TCX_COUNTS)."""
-    mask = 0xFFFFFFFF if raw else TCX_ID
+    mask = _claim_mask(raw)
     return {KEY.unpack(k)[0]: KEY.unpack(v)[0] & mask for k, v in map_items(fd, KEY.size, KEY.size)}
+
+
+def _claim_mask(raw: bool) -> int:
+    return 0xFFFFFFFF if raw else TCX_ID
 
 
 def tcx_drop_stale(fd: int, map_fd: int, ifindex: int | None = None) -> int:
