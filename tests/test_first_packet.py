@@ -39,8 +39,8 @@ BURSTS = {"containerd": 4294967295, "cri-o": 34359738359}
 class RxTimeline:
     """(monotonic time, RX bytes) of one interface in a netns, sampled on a thread."""
 
-    def __init__(self, netns: str, dev: str, interval: float = 0.002) -> None:
-        self.netns, self.dev, self.interval = netns, dev, interval
+    def __init__(self, lab: Lab, netns: str, dev: str, interval: float = 0.002) -> None:
+        self.lab, self.netns, self.dev, self.interval = lab, netns, dev, interval
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -63,8 +63,8 @@ class RxTimeline:
             time.sleep(self.interval)
 
     def __enter__(self) -> RxTimeline:
-        argv = ["nsenter", f"--net={self.netns}", "bash", "-c", "exec -a bwpt-rx-sampler sleep 600"]
-        self._sleeper = subprocess.Popen(argv)
+        # the lab's process: killed with the lab, also when this fails before __exit__
+        self._sleeper = self.lab.spawn(self.netns, "bash", "-c", "exec -a bwpt-rx-sampler sleep 600")
         deadline, target = time.monotonic() + 10, os.stat(self.netns).st_ino
         while os.stat(f"/proc/{self._sleeper.pid}/ns/net").st_ino != target:  # nsenter's setns done
             assert time.monotonic() < deadline, "the RX sampler's sleeper did not enter the netns"
@@ -75,8 +75,7 @@ class RxTimeline:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.join()
         if self._sleeper is not None:
             self._sleeper.kill()
             self._sleeper.wait()
@@ -113,7 +112,7 @@ def test_the_first_100_ms_and_the_first_second_hold_the_rate(
     after_handover(lab.node, host_veth(pod, att.result), through_agent=lab.agent is not None)
     lab.iperf_server(peer)
     receiver = peer if direction == "egress" else pod
-    with RxTimeline(receiver.netns, "eth0") as rx:  # UDP at 3x the rate keeps the shaper backlogged
+    with RxTimeline(lab, receiver.netns, "eth0") as rx:  # UDP at 3x the rate keeps the shaper backlogged
         lab.iperf(pod, peer, seconds=1.5, omit=0, reverse=direction == "ingress", udp_rate=3 * RATE)
     first_100ms, first_second = rx.received_within(0.1), rx.received_within(1.0)
     # never more than the rate plus one bucket, and not starved either
