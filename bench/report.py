@@ -117,6 +117,30 @@ def subnets_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def subnet_mode_table(rows: list[dict[str, Any]]) -> str:
+    """Medians over repeats; the ratio is subnet mode / plain mode (issue 17: p99 <= 1.2)."""
+    out = [
+        "| direction | rate Mbit/s | ping p99 plain ms | ping p99 subnets ms | p99 subnets / plain "
+        "| TCP goodput/rate plain | TCP goodput/rate subnets |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rate in sorted({r["rate"] for r in rows}):
+        for direction in ("egress", "ingress"):
+            mine = [r for r in rows if (r["rate"], r["direction"]) == (rate, direction)]
+            if not mine:
+                continue
+
+            def med(mode: str, key: str, rs: list[dict[str, Any]] = mine) -> float:
+                return _med([r[key] for r in rs if r["mode"] == mode])
+
+            plain, split = med("plain", "loaded_p99_ms"), med("subnets", "loaded_p99_ms")
+            out.append(
+                f"| {direction} | {_mbit(rate)} | {plain:.1f} | {split:.1f} | {split / plain:.2f} "
+                f"| {med('plain', 'goodput_ratio'):.3f} | {med('subnets', 'goodput_ratio'):.3f} |"
+            )
+    return "\n".join(out)
+
+
 def _p(xs: list[float], q: float) -> float:
     ordered = sorted(xs)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
@@ -179,6 +203,8 @@ def markdown(result: dict[str, Any]) -> str:
         ("Fairness (egress, parallel TCP flows in one pod)", "fairness", fairness_table),
         ("Unshaped subnets (TCP goodput; pod shaped at 10 Mbit/s both ways, bwplugin with unshapedSubnets)",
          "subnets", subnets_table),
+        ("Subnet mode against plain mode (bwplugin alone, egress or ingress shaped, one bulk TCP flow to the shaped "
+         "peer; interleaved)", "subnet_mode", subnet_mode_table),
         ("Cost of ADD and DEL (shaping plugin alone, both directions shaped)", "cost", cost_table),
         ("bwplugin's counting programs on TCX links vs cls_bpf filters (tcAttach; interleaved, one run)",
          "attach", attach_table),

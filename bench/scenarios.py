@@ -214,6 +214,50 @@ def subnets(bench: Bench, rate: int, seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------- 5b. subnet mode against plain mode
+
+
+def subnet_mode(bench: Bench, rates: list[int], count: int, repeats: int, seconds: float) -> list[dict[str, Any]]:
+    """bwplugin alone, the same rate and latencyMs, with and without a subnet list
+    (an HTB that sorts over the shaped TBF, or the TBF as root), interleaved: ping
+    to the shaped peer behind one bulk TCP flow to it, then TCP goodput to it. The
+    listed subnet is one nobody here uses: every packet measured takes the shaped
+    class, so the two differ only in the qdiscs."""
+    rows = []
+    points = [(r, d, i) for r in rates for d in ("egress", "ingress") for i in range(repeats)]
+    for n, (rate, direction, rep) in enumerate(points):
+        modes = ["plain", "subnets"] if n % 2 == 0 else ["subnets", "plain"]
+        for mode in modes:
+            static = {"unshapedSubnets": ["10.99.0.0/16"]} if mode == "subnets" else None
+            with bench.shaped_with("bwplugin", static, **{direction: rate}) as shaped:
+                argv = ["iperf3", "-c", bench.peer.ip, "-p", str(LOAD_PORT), "-t", "60"]
+                if direction == "ingress":
+                    argv.append("-R")
+                load = bench.lab.spawn(shaped.pod.netns, *argv)
+                time.sleep(2.0)  # let the bulk flow fill the queue
+                loaded, loss = ping(bench, shaped.pod, count, 0.05)
+                load.terminate()
+                load.wait()
+                time.sleep(0.5)  # the server notices the end of the test
+                result = bench.iperf(shaped.pod, seconds=seconds, reverse=direction == "ingress")
+            row = {
+                "mode": mode,
+                "rate": rate,
+                "direction": direction,
+                "repeat": rep,
+                "loaded_p50_ms": percentile(loaded, 50),
+                "loaded_p99_ms": percentile(loaded, 99),
+                "ping_loss": loss,
+                "goodput_ratio": iperf_goodput(result) / rate,
+            }
+            rows.append(row)
+            progress(
+                f"subnet mode {mode:7} {direction:7} {rate / 1e6:g} Mbit/s: ping p50 {row['loaded_p50_ms']:.1f} ms "
+                f"p99 {row['loaded_p99_ms']:.1f} ms, TCP goodput {row['goodput_ratio']:.3f} of the rate"
+            )
+    return rows
+
+
 # ---------------------------------------------------------------- 6. cost
 
 

@@ -66,6 +66,8 @@ def view(netns: str) -> KernelView:
         for index, name in names.items():
             if any(q["kind"] == "htb" for q in out.qdiscs.get(name, [])):
                 for c in ipr.get_classes(index=index):
+                    if c.get_attr("TCA_KIND") != "htb":
+                        continue  # the TBF leaf's own class
                     parms = c.get_attr("TCA_OPTIONS").get_attr("TCA_HTB_PARMS")
                     out.classes.setdefault(name, []).append(
                         {"handle": c["handle"], "rate": parms["rate"], "quantum": parms["quantum"]}

@@ -33,6 +33,11 @@ def test_bench_smoke_weak_by_design_only_runs_every_section_and_writes_its_repor
         assert 0 < row["jain"] <= 1.0 + 1e-9, row
     for row in doc["subnets"]:
         assert row["goodput_bps"] > 0 and row["destination"] in ("shaped peer", "unshaped peer"), row
+    assert {(row["mode"], row["direction"]) for row in doc["subnet_mode"]} == {
+        (m, d) for m in ("plain", "subnets") for d in ("egress", "ingress")
+    }
+    for row in doc["subnet_mode"]:
+        assert row["goodput_ratio"] > 0 and (row["loaded_p99_ms"] > 0 or row["ping_loss"] == 1.0), row
     for row in doc["cost"]:
         assert len(row["add_ms"]) >= 1 and all(x > 0 for x in row["add_ms"]), row
     paths = {(row["measure"], row["path"]) for row in doc["attach"]}
@@ -49,6 +54,7 @@ def test_bench_smoke_weak_by_design_only_runs_every_section_and_writes_its_repor
         "Latency under load",
         "Fairness",
         "Unshaped subnets",
+        "Subnet mode against plain mode",
         "Cost of ADD",
         "TCX links vs cls_bpf filters",
     ):

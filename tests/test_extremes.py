@@ -13,6 +13,7 @@ import pytest
 from bench.lab.lab import Lab
 
 from .conftest import bandwidth, host_veth, shaper
+from .oracle import view
 
 pytestmark = pytest.mark.kernel
 
@@ -60,18 +61,22 @@ def test_tbf_extremes_are_made_checked_and_read_back(lab: Lab, rate: int, burst:
 
 
 @pytest.mark.parametrize("rate", [1_000, 10_000_000, PBIT])
-def test_htb_bucket_at_the_32_bit_limit_is_clamped_not_wrapped(lab: Lab, rate: int) -> None:
-    """Subnet mode, containerd's burst with no maxBurstMs cap: HTB's u32 tick bucket
-    cannot hold it. The kernel must hold the largest bucket HTB can (~274.9 s at
-    the rate, or the whole burst if that is less), never a wrapped one."""
+def test_subnet_mode_holds_a_bucket_past_32_bits_in_its_tbf_leaf(lab: Lab, rate: int) -> None:
+    """Subnet mode, containerd's burst with no maxBurstMs cap (429.5 s at 10 Mbit/s):
+    the shaped class's TBF leaf takes the bucket in 64 bits (TCA_TBF_BURST), as a
+    plain root TBF does, where an HTB class's u32 ticks would have to clamp it. The
+    HTB over it only sorts, at 1 Tbit/s. CHECK compares what the kernel reports."""
     pod = lab.pod(f"h{len(lab.pods)}")
     conf = shaper(unshapedSubnets=["10.99.0.0/16"], maxBurstMs=0, ingressRate=rate, ingressBurst=CONTAINERD_BURST)
     att = lab.attach(pod, lab.conflist(conf))
-    att.check()  # CHECK compares the clamped value, not a wrapped one
-    held_rate, ticks = htb_shaped_class(lab, host_veth(pod))
-    assert held_rate == rate
+    att.check()
+    dev = host_veth(pod)
+    assert htb_shaped_class(lab, dev)[0] == 10**12  # the class only sorts
+    out = lab.run(lab.node, "tc", "-j", "-raw", "qdisc", "show", "dev", dev, "parent", "b0d0:1").stdout
+    (leaf,) = json.loads(out)
+    assert leaf["kind"] == "tbf" and leaf["handle"] == "b0d1:" and leaf["options"]["rate"] == rate // 8, leaf
     wanted = (CONTAINERD_BURST // 8) * 10**9 // (rate // 8) // 64  # the whole burst, in 64 ns ticks
-    assert ticks == min(wanted, 2**32 - 1), (ticks, wanted)  # clamped where it would wrap
+    assert int(leaf["options"]["burst_raw"], 16) == wanted & (2**32 - 1), (leaf, wanted)  # the dump's u32
     lab.remove_pod(pod)
 
 
@@ -106,16 +111,17 @@ def test_tbf_rate_bucket_and_queue_read_back_exactly_in_both_directions(
     lab.remove_pod(pod)
 
 
-def test_htb_leaf_fifos_read_back_in_subnet_mode(lab: Lab) -> None:
-    """Subnet mode at 10 Mbit/s: the shaped class's bfifo holds two 64 KiB GSO
-    packets with their headers (2 x 67,050 B), more than 25 ms of the rate
-    (HTB does not segment); the unshaped class's holds 4 MiB."""
+def test_htb_leaves_read_back_in_subnet_mode(lab: Lab) -> None:
+    """Subnet mode at 10 Mbit/s: the shaped class's leaf is plain mode's TBF (25 ms
+    of queue, 31,250 B: it segments GSO packets bigger than its bucket, which HTB
+    does not); the unshaped class's bfifo holds 4 MiB."""
     pod = lab.pod(f"f{len(lab.pods)}")
     att = lab.attach(pod, lab.conflist(shaper(unshapedSubnets=["10.99.0.0/16"])), bandwidth(ingress=10_000_000))
     att.check()
-    leaves = json.loads(lab.run(lab.node, "tc", "-j", "qdisc", "show", "dev", host_veth(pod)).stdout)
-    limits = {
-        q["parent"]: (q["kind"], q["options"]["limit"]) for q in leaves if q.get("parent", "").startswith("b0d0:")
-    }
-    assert limits == {"b0d0:1": ("bfifo", 134_100), "b0d0:2": ("bfifo", 4 * 1024 * 1024)}, limits
+    qdiscs = view(lab.node).qdiscs[host_veth(pod)]
+    (tbf,) = [q for q in qdiscs if q["parent"] == 0xB0D00001]
+    assert (tbf["kind"], tbf["rate"], tbf["limit"]) == ("tbf", 1_250_000, 31_250), tbf
+    out = lab.run(lab.node, "tc", "-j", "qdisc", "show", "dev", host_veth(pod), "parent", "b0d0:2").stdout
+    (fifo,) = json.loads(out)  # (pyroute2 does not decode a bfifo's options; tc does)
+    assert (fifo["kind"], fifo["options"]["limit"]) == ("bfifo", 4 * 1024 * 1024), fifo
     lab.remove_pod(pod)

@@ -68,7 +68,8 @@ def test_jumbo_mtu_floors_scale():
     assert p.burst == 4 * 9014
 
 
-def test_htb_leaf_holds_two_gso_packets_but_follows_latency_above():
+def test_legacy_htb_leaf_holds_two_gso_packets_but_follows_latency_above():
+    """Subnet mode before 2026-12-03 (kept for CHECK and live changes of its pods)."""
     from bwplugin.datapath.shaping import htb_leaf_limit
 
     low = tbf_params(Direction(10_000_000, 4294967295), Policy())
@@ -77,12 +78,12 @@ def test_htb_leaf_holds_two_gso_packets_but_follows_latency_above():
     assert htb_leaf_limit(high) == high.limit == 3_125_000
 
 
-def test_htb_bucket_is_clamped_not_wrapped_at_32_bits():
+def test_legacy_htb_bucket_is_clamped_not_wrapped_at_32_bits():
     """10 Mbit/s, containerd's burst, no maxBurstMs cap: 429.5 s of bucket, which
-    HTB's u32 ticks cannot hold. Clamped to the largest (~274.9 s), never wrapped
-    (which gave 154.6 s)."""
+    a legacy subnet-mode HTB class's u32 ticks cannot hold. Clamped to the largest
+    (~274.9 s), never wrapped (which gave 154.6 s)."""
     p = tbf_params(Direction(10_000_000, CONTAINERD_BURST), Policy(max_burst_ms=0))
-    assert p.htb_clamped and p.htb_buffer_ticks == 2**32 - 1
+    assert p.htb_buffer_ticks == 2**32 - 1
     assert (p.burst * 10**9 // p.rate // 64) & (2**32 - 1) == p.buffer_ticks  # what TBF's dump shows
     assert abs(p.htb_buffer_ticks * 64 / 1e9 - 274.88) < 0.01
     # monotonic: a bigger bucket never gives a smaller HTB bucket
@@ -92,4 +93,4 @@ def test_htb_bucket_is_clamped_not_wrapped_at_32_bits():
     ]
     assert ticks == sorted(ticks)
     small = tbf_params(Direction(10_000_000, 80_000), Policy())
-    assert not small.htb_clamped and small.htb_buffer_ticks == small.buffer_ticks
+    assert small.htb_buffer_ticks == small.buffer_ticks

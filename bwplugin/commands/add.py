@@ -14,7 +14,7 @@ from ..cni.settings import log
 from ..datapath import bpf, probe, tc, tcx
 from ..datapath.naming import IfbLabel, format_alias, ifb_name, network_tag
 from ..datapath.netlink import Link, Netlink, NetlinkError
-from ..datapath.shaping import NS_PER_TICK, U32_MAX, TBFParams, tbf_params
+from ..datapath.shaping import TBFParams, tbf_params
 from .common import HostVeth, Undo, entry_flags, find_host_veth, owner_of, shaping_entry
 from .handover import Handover
 
@@ -183,14 +183,11 @@ def add_root(
     host: HostVeth,
     undo: Undo,
 ) -> None:
-    """The root TBF (or, with subnets, HTB) that shapes one direction."""
+    """The root TBF (or, with subnets, an HTB over the same TBF) that shapes one direction."""
     mtu = host.mtu
     params = tbf_params(d, policy, mtu, host.gso_max)
     _report_policy(what, d, params, policy)
     if subnets:
-        if params.htb_clamped:
-            largest = NS_PER_TICK * U32_MAX / 1e9
-            log(f"{what} burst {params.burst} B clamped to HTB's largest bucket, {largest:.1f} s at the rate")
         tc.add_htb(nl, index, params, default_shaped=not subnets.listed_shaped, mtu=mtu)
     else:
         tc.add_tbf(nl, index, params)

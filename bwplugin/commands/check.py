@@ -95,11 +95,23 @@ def _check_root(
         return
     classes = tc.htb_classes(nl, index)
     shaped = classes.get(tc.CLASS_SHAPED)
-    leaf = nl.qdisc(index, tc.CLASS_SHAPED)
-    limit = tc.bfifo_limit(leaf) if leaf is not None else None
-    actual = (shaped.rate, limit or 0, shaped.buffer_ticks) if shaped else None
-    expected = (want.rate, htb_leaf_limit(want, mtu), want.htb_buffer_ticks)
-    _compare(problems, f"{what} class b0d0:1", expected, actual)
+    leaf = tc.shaped_leaf(nl, index)
+    if leaf is not None and leaf.kind == "bfifo":  # a legacy build's HTB: the class holds the rate
+        limit = tc.bfifo_limit(leaf)
+        actual = (shaped.rate, limit or 0, shaped.buffer_ticks) if shaped else None
+        expected = (want.rate, htb_leaf_limit(want, mtu), want.htb_buffer_ticks)
+        _compare(problems, f"{what} class b0d0:1", expected, actual)
+    else:
+        if shaped is None or shaped.rate != tc.CLASSIFY_RATE:
+            found = f"rate {shaped.rate} B/s" if shaped else "missing"
+            problems.append(f"{what}: class b0d0:1 expected rate {tc.CLASSIFY_RATE} B/s (it only sorts), {found}")
+        got = tc.tbf_state(leaf) if leaf is not None and leaf.handle == tc.LEAF_TBF.handle else None
+        if got is None:
+            found = leaf.kind if leaf is not None else "none"
+            problems.append(f"{what}: expected bwplugin's tbf b0d1: under class b0d0:1, found {found}")
+        else:
+            _compare(problems, f"{what} tbf b0d1:", (want.rate, want.limit, want.buffer_ticks),
+                     (got.rate, got.limit, got.buffer_ticks))  # fmt: skip
     if tc.CLASS_UNSHAPED not in classes:
         problems.append(f"{what}: unshaped class b0d0:2 missing")
 

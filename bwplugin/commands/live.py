@@ -236,19 +236,23 @@ def _change_root(
 
     old = tbf_params(before, policy, host.mtu, host.gso_max)
     new = tbf_params(after, policy, host.mtu, host.gso_max)
-    if q.kind == "htb":  # HTB lets a packet overdraw its bucket: nothing can get stuck
-        tc.change_htb(nl, index, new, host.mtu)
-        undo.push(lambda: tc.change_htb(nl, index, old, host.mtu))
-    else:
-        undo.push(lambda: tc.change_tbf(nl, index, old))
-        change_tbf_safely(nl, index, old, new)
+    at = tc.ROOT_TBF
+    if q.kind == "htb":
+        leaf = tc.shaped_leaf(nl, index)
+        if leaf is not None and leaf.kind == "bfifo":  # a legacy build's HTB: nothing can get stuck
+            tc.change_legacy_htb(nl, index, new, host.mtu)
+            undo.push(lambda: tc.change_legacy_htb(nl, index, old, host.mtu))
+            return
+        at = tc.LEAF_TBF  # today's: its shaped class's TBF leaf, changed as a root TBF is
+    undo.push(lambda: tc.change_tbf(nl, index, old, at))
+    change_tbf_safely(nl, index, old, new, at)
 
 
 SHRINK_WAIT = 1.0  # s the queued packets bigger than a new, smaller bucket get to leave
 LIMIT_STEP_S, LIMIT_WAIT = 0.05, 3.0  # a smaller queue limit: see change_tbf_safely
 
 
-def change_tbf_safely(nl: Netlink, index: int, old: TBFParams, new: TBFParams) -> None:
+def change_tbf_safely(nl: Netlink, index: int, old: TBFParams, new: TBFParams, at: tc.TbfAt = tc.ROOT_TBF) -> None:
     """A change that lowers the rate, the bucket or the queue, under traffic, with
     no stall and as few losses as the queue allows (a tail-drop FIFO; this kernel
     has no AQM to soften it): a burst of tail drops is what costs TCP a
@@ -272,24 +276,24 @@ def change_tbf_safely(nl: Netlink, index: int, old: TBFParams, new: TBFParams) -
        off from) bring the queue down, until the limit is the new one (at most 3 s,
        then it is set)."""
     if new.burst >= old.burst and new.limit >= old.limit:
-        tc.change_tbf(nl, index, new)
+        tc.change_tbf(nl, index, new, at)
         return
     big = max(old.limit, new.limit)
     shrunk = replace(new, limit=big)  # the new rate and bucket, the larger queue
-    tc.change_tbf(nl, index, shrunk)
-    if new.burst < old.burst and not _oversized_leave(nl, index, replace(shrunk, burst=old.burst), shrunk):
+    tc.change_tbf(nl, index, shrunk, at)
+    if new.burst < old.burst and not _oversized_leave(nl, index, replace(shrunk, burst=old.burst), shrunk, at):
         log(f"ifindex {index}: for {SHRINK_WAIT:g} s the queue held packets bigger than the new bucket; dropping them")
-        tc.purge_tbf_queue(nl, index, big)
-        tc.change_tbf(nl, index, shrunk)
+        tc.purge_tbf_queue(nl, index, big, at)
+        tc.change_tbf(nl, index, shrunk, at)
     limit, deadline = big, time.monotonic() + LIMIT_WAIT
     while limit > new.limit and time.monotonic() < deadline:
-        peak = _peak_backlog(nl, index, LIMIT_STEP_S)
+        peak = _peak_backlog(nl, index, LIMIT_STEP_S, at)
         limit = max(new.limit, min(limit, peak))
-        tc.change_tbf(nl, index, replace(new, limit=limit))
-    tc.change_tbf(nl, index, new)
+        tc.change_tbf(nl, index, replace(new, limit=limit), at)
+    tc.change_tbf(nl, index, new, at)
 
 
-def _oversized_leave(nl: Netlink, index: int, lend: TBFParams, new: TBFParams) -> bool:
+def _oversized_leave(nl: Netlink, index: int, lend: TBFParams, new: TBFParams, at: tc.TbfAt) -> bool:
     """With the new bucket in place: True once every packet queued at that moment
     has left (the fifo has sent as many bytes as it held then). A head that sends
     nothing for longer than a fitting packet can wait for its tokens is one of the
@@ -297,40 +301,41 @@ def _oversized_leave(nl: Netlink, index: int, lend: TBFParams, new: TBFParams) -
     while it was lent may be as big, so the count starts again from there."""
     patience = max(0.003, 1.5 * new.burst / new.rate)  # a packet that fits waits at most one refill
     deadline = time.monotonic() + SHRINK_WAIT
-    held, sent_then = _backlog(nl, index)
+    held, sent_then = _backlog(nl, index, at)
     last, moved = sent_then, time.monotonic()
     while time.monotonic() < deadline:
-        backlog, sent = _backlog(nl, index)
+        backlog, sent = _backlog(nl, index, at)
         if backlog == 0 or sent - sent_then >= held:
             return True
         now = time.monotonic()
         if sent != last:
             last, moved = sent, now
         elif now - moved > patience:
-            tc.change_tbf(nl, index, lend)
+            tc.change_tbf(nl, index, lend, at)
             lent = time.monotonic()
-            while _backlog(nl, index)[1] == sent and time.monotonic() - lent < 0.05:
+            while _backlog(nl, index, at)[1] == sent and time.monotonic() - lent < 0.05:
                 time.sleep(0.0002)
-            tc.change_tbf(nl, index, new)
-            held, sent_then = _backlog(nl, index)
+            tc.change_tbf(nl, index, new, at)
+            held, sent_then = _backlog(nl, index, at)
             last, moved = sent_then, time.monotonic()
         time.sleep(0.0005)
     return False
 
 
-def _peak_backlog(nl: Netlink, index: int, seconds: float) -> int:
+def _peak_backlog(nl: Netlink, index: int, seconds: float, at: tc.TbfAt) -> int:
     """The largest backlog seen over `seconds` (a queue under TCP swings by half
     its size within milliseconds: one reading would cut below what it needs)."""
     peak, end = 0, time.monotonic() + seconds
     while time.monotonic() < end:
-        peak = max(peak, _backlog(nl, index)[0])
+        peak = max(peak, _backlog(nl, index, at)[0])
         time.sleep(0.001)
     return peak
 
 
-def _backlog(nl: Netlink, index: int) -> tuple[int, int]:
-    """(bytes queued, bytes sent) of the root qdisc."""
-    q = tc.root_qdisc(nl, index)
+def _backlog(nl: Netlink, index: int, at: tc.TbfAt) -> tuple[int, int]:
+    """(bytes queued, bytes sent) of our TBF (not of the HTB over it, whose counts
+    include the unshaped class's)."""
+    q = tc.tbf_at(nl, index, at)
     s = tc.qdisc_stats(q) if q is not None else None
     return (s.backlog, s.bytes) if s else (0, 0)
 

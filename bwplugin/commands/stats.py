@@ -71,9 +71,11 @@ def _queue(nl: Netlink, index: int) -> QueueStats | None:
     if q.kind == "tbf":
         state = tc.tbf_state(q)
         rate = state.rate if state else 0
-    else:
-        shaped = tc.htb_classes(nl, index).get(tc.CLASS_SHAPED)
-        rate = shaped.rate if shaped else 0
+    else:  # the shaped class's TBF leaf holds the rate (a legacy build's class itself)
+        leaf = tc.shaped_leaf(nl, index)
+        state = tc.tbf_state(leaf) if leaf is not None else None
+        shaped = tc.htb_classes(nl, index).get(tc.CLASS_SHAPED) if state is None else None
+        rate = state.rate if state else shaped.rate if shaped else 0
     s = tc.qdisc_stats(q)
     return QueueStats(rate * 8, s.bytes, s.packets, s.drops, s.overlimits, s.backlog, s.qlen)
 

@@ -35,14 +35,11 @@ class TBFParams:
 
     @property
     def htb_buffer_ticks(self) -> int:
-        """An HTB class's bucket, which the kernel takes as u32 ticks and nothing wider:
+        """A legacy HTB class's bucket (subnet mode before 2026-12-03, when the shaped
+        class itself held the rate), which the kernel takes as u32 ticks and nothing wider:
         clamped (at ~275 s of the rate), never wrapped (10 Mbit/s with containerd's
         512 MiB burst would wrap 429.5 s to 154.6 s)."""
         return min(self.burst * 10**9 // self.rate // NS_PER_TICK, U32_MAX)
-
-    @property
-    def htb_clamped(self) -> bool:
-        return self.burst * 10**9 // self.rate // NS_PER_TICK > U32_MAX
 
 
 def burst_floor(rate: int, mtu: int) -> int:
@@ -88,7 +85,8 @@ def tbf_params(direction: Direction, policy: Policy, mtu: int = 1500, gso_max: i
 
 
 def htb_leaf_limit(params: TBFParams, mtu: int = 1500) -> int:
-    """The shaped HTB class's bfifo. HTB, unlike TBF, never segments a GSO packet,
+    """A legacy shaped HTB class's bfifo (subnet mode before 2026-12-03; today the
+    leaf is a TBF, which segments). HTB, unlike TBF, never segments a GSO packet,
     and a bfifo drops any packet that would overflow it, even into an empty queue:
     so it must hold two of the largest, whatever the latency bound says. (At
     10 Mbit/s that is ~107 ms of queue instead of 25 ms: the price of subnets.)"""

@@ -44,7 +44,7 @@ ROOT_HANDLE = 0xB0D00000  # "b0d0:", bwplugin's root TBF or HTB on veth and ifb
 TBF_HANDLE = ROOT_HANDLE
 CLASS_SHAPED = ROOT_HANDLE | 1  # b0d0:1 (bpf/bwplugin.c puts these in skb->priority)
 CLASS_UNSHAPED = ROOT_HANDLE | 2  # b0d0:2
-LEAF_HANDLE = {CLASS_SHAPED: 0xB0D10000, CLASS_UNSHAPED: 0xB0D20000}  # the classes' bfifos
+LEAF_HANDLE = {CLASS_SHAPED: 0xB0D10000, CLASS_UNSHAPED: 0xB0D20000}  # the classes' qdiscs
 PURGE_HANDLE = 0xB0D90000  # a TBF's inner fifo after a purge (see purge_tbf_queue)
 NLM_F_REPLACE = 0x100
 # Counting and classifying come first on a hook, so that no other tool's filter
@@ -57,6 +57,7 @@ OUR_PRIOS = (FRONT_PRIO, TAIL_PRIO)
 FILTER_HANDLE = 1
 ETH_P_ALL_BE = 0x0300  # htons(ETH_P_ALL)
 UNSHAPED_RATE = 125_000_000_000  # bytes/s (1 Tbit/s): HTB needs a rate; this one never binds
+CLASSIFY_RATE = UNSHAPED_RATE  # the shaped class's too: its TBF leaf shapes, HTB only sorts
 UNSHAPED_LIMIT = 4 << 20  # bytes: the unshaped class only queues while the device is busy
 
 TCA_KIND, TCA_OPTIONS = 1, 2
@@ -98,6 +99,19 @@ class TBFState:
     rate: int  # bytes/s
     limit: int  # bytes
     buffer_ticks: int
+
+
+@dataclass(frozen=True)
+class TbfAt:
+    """Where one of our TBFs hangs: the root (plain mode) or the leaf of HTB's
+    shaped class (subnet mode)."""
+
+    handle: int
+    parent: int
+
+
+ROOT_TBF = TbfAt(TBF_HANDLE, TC_H_ROOT)
+LEAF_TBF = TbfAt(LEAF_HANDLE[CLASS_SHAPED], CLASS_SHAPED)
 
 
 @dataclass(frozen=True)
@@ -172,23 +186,23 @@ def _tbf_options(params: TBFParams) -> bytes:
     return nla_str(TCA_KIND, "tbf") + nla(TCA_OPTIONS, opts)
 
 
-def add_tbf(nl: Netlink, index: int, params: TBFParams) -> None:
-    """A root TBF (exclusive create: never replaces somebody else's root)."""
-    body = tcmsg(index, TBF_HANDLE, TC_H_ROOT) + _tbf_options(params)
-    _create(nl, RTM_NEWQDISC, body, "tbf", f"add tbf on ifindex {index}")
+def add_tbf(nl: Netlink, index: int, params: TBFParams, at: TbfAt = ROOT_TBF) -> None:
+    """One of our TBFs (exclusive create: never replaces somebody else's root)."""
+    body = tcmsg(index, at.handle, at.parent) + _tbf_options(params)
+    _create(nl, RTM_NEWQDISC, body, "tbf", f"add tbf {at.handle >> 16:x}: on ifindex {index}")
 
 
-def change_tbf(nl: Netlink, index: int, params: TBFParams) -> None:
-    """Our root TBF's rate, bucket and queue changed in place (no create flag: the
+def change_tbf(nl: Netlink, index: int, params: TBFParams, at: TbfAt = ROOT_TBF) -> None:
+    """Our TBF's rate, bucket and queue changed in place (no create flag: the
     kernel refuses if it is gone). The queued packets stay; only the bucket refills."""
-    body = tcmsg(index, TBF_HANDLE, TC_H_ROOT) + _tbf_options(params)
-    nl.request(RTM_NEWQDISC, 0, body, f"change tbf on ifindex {index}")
+    body = tcmsg(index, at.handle, at.parent) + _tbf_options(params)
+    nl.request(RTM_NEWQDISC, 0, body, f"change tbf {at.handle >> 16:x}: on ifindex {index}")
 
 
-def purge_tbf_queue(nl: Netlink, index: int, limit: int) -> None:
+def purge_tbf_queue(nl: Netlink, index: int, limit: int, at: TbfAt = ROOT_TBF) -> None:
     """Replace our TBF's inner fifo with an empty one (the queued packets are
     dropped): the last resort when a queued packet can never fit the bucket."""
-    body = tcmsg(index, PURGE_HANDLE, ROOT_HANDLE | 1) + nla_str(TCA_KIND, "bfifo")
+    body = tcmsg(index, PURGE_HANDLE, at.handle | 1) + nla_str(TCA_KIND, "bfifo")
     body += nla(TCA_OPTIONS, struct.pack("=I", limit))
     nl.request(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_REPLACE, body, f"purge tbf queue on ifindex {index}")
 
@@ -206,28 +220,34 @@ def htb_quantum(rate: int, mtu: int) -> int:
 
 
 def add_htb(nl: Netlink, index: int, params: TBFParams, default_shaped: bool, mtu: int) -> None:
-    """A root HTB with a shaped class (the configured rate and bucket, a bfifo
-    bounded by latency but holding two GSO packets) and an unshaped class (never
-    binds). The eBPF programs choose the class through skb->priority; unclassified
-    packets take the default class."""
+    """A root HTB that only sorts: two classes that never bind, the shaped one
+    with a TBF leaf built as plain mode's root TBF (the rate, the bucket, the
+    latency bound, and the segmenting of GSO packets bigger than the bucket, which
+    HTB itself never does), the unshaped one with a bfifo. The eBPF programs
+    choose the class through skb->priority; unclassified packets take the
+    default class. (The kernel logs "htb: tbf qdisc b0d1: is non-work-conserving?"
+    once per such leaf, the first time it waits for tokens: that is TBF's nature.)"""
     default = CLASS_SHAPED if default_shaped else CLASS_UNSHAPED
     glob = _HTB_GLOB.pack(3, 10, default & 0xFFFF, 0, 0)
     body = tcmsg(index, ROOT_HANDLE, TC_H_ROOT) + nla_str(TCA_KIND, "htb") + nla(TCA_OPTIONS, nla(TCA_HTB_INIT, glob))
     _create(nl, RTM_NEWQDISC, body, "htb", f"add htb on ifindex {index}")
-    unshaped_burst = 64 * 1024 + mtu + 14
-    unshaped_ticks = unshaped_burst * 10**9 // UNSHAPED_RATE // 64 + 1
-    for classid, rate, ticks, limit in (
-        (CLASS_SHAPED, params.rate, params.htb_buffer_ticks, htb_leaf_limit(params, mtu)),
-        (CLASS_UNSHAPED, UNSHAPED_RATE, unshaped_ticks, UNSHAPED_LIMIT),
-    ):
-        _htb_class(nl, index, classid, rate, ticks, mtu, create=True)
-        # an explicit byte fifo: the default leaf is a pfifo of txqueuelen packets
-        # (32 on an ifb), which is neither a latency bound nor a byte bound
-        _bfifo(nl, index, classid, limit, create=True)
+    for classid in (CLASS_SHAPED, CLASS_UNSHAPED):
+        _htb_class(nl, index, classid, CLASSIFY_RATE, classify_ticks(mtu), mtu, create=True)
+    add_tbf(nl, index, params, LEAF_TBF)
+    # an explicit byte fifo: the default leaf is a pfifo of txqueuelen packets
+    # (32 on an ifb), which is neither a latency bound nor a byte bound
+    _bfifo(nl, index, CLASS_UNSHAPED, UNSHAPED_LIMIT, create=True)
 
 
-def change_htb(nl: Netlink, index: int, params: TBFParams, mtu: int) -> None:
-    """Our HTB's shaped class and its bfifo changed in place; queues are kept."""
+def classify_ticks(mtu: int) -> int:
+    """The never-binding classes' bucket: one GSO packet at 1 Tbit/s."""
+    return (64 * 1024 + mtu + 14) * 10**9 // CLASSIFY_RATE // 64 + 1
+
+
+def change_legacy_htb(nl: Netlink, index: int, params: TBFParams, mtu: int) -> None:
+    """An HTB made before 2026-12-03, whose shaped class itself holds the rate over
+    a bfifo leaf: changed in place, queues kept (HTB lets a packet overdraw its
+    bucket, so nothing can get stuck)."""
     _htb_class(nl, index, CLASS_SHAPED, params.rate, params.htb_buffer_ticks, mtu, create=False)
     _bfifo(nl, index, CLASS_SHAPED, htb_leaf_limit(params, mtu), create=False)
 
@@ -324,6 +344,17 @@ def delete_qdisc(nl: Netlink, index: int, parent: int, handle: int) -> bool:
 
 def root_qdisc(nl: Netlink, index: int) -> TcObject | None:
     return nl.qdisc(index, TC_H_ROOT)
+
+
+def tbf_at(nl: Netlink, index: int, at: TbfAt) -> TcObject | None:
+    """Our TBF at that place, or None (another kind, another handle, nothing)."""
+    q = nl.qdisc(index, at.parent)
+    return q if q is not None and q.kind == "tbf" and q.handle == at.handle else None
+
+
+def shaped_leaf(nl: Netlink, index: int) -> TcObject | None:
+    """The qdisc under our HTB's shaped class: a TBF, or a legacy build's bfifo."""
+    return nl.qdisc(index, CLASS_SHAPED)
 
 
 def clsact_qdisc(nl: Netlink, index: int) -> TcObject | None:
