@@ -303,3 +303,41 @@ def test_subnet_mode_bounds_the_queue_like_plain_mode(lab1: Lab, direction: str)
         # the queue holds 25 ms at the rate; a ping also waits for the packet in service
         assert p90 < 40, (mode, direction, rtts)
     assert medians["subnets"] < medians["plain"] * 1.5 + 3, medians
+
+
+def test_a_pod_of_the_legacy_subnet_layout_passes_check_and_changes_live(lab1: Lab) -> None:
+    """Pods that a build before 2026-12-03 shaped in subnet mode keep their layout
+    through an upgrade: the HTB's shaped class holds the rate, over a bfifo of two
+    GSO packets. No older build is installed here, so a fresh pod's ingress root
+    is rebuilt in that layout with iproute2 (the stand-in). CHECK accepts it;
+    `bwplugin set` changes it in place, class and bfifo; CHECK accepts the result
+    and still reports damage to the legacy class."""
+    lab = lab1
+    pod = lab.pod("legacy")
+    att = lab.attach(pod, lab.conflist(shaper(unshapedSubnets=["10.99.0.0/16"])), bandwidth(ingress=RATE))
+    veth = host_veth(pod)
+
+    def tc_(*argv: str) -> None:
+        lab.run(lab.node, "tc", *argv)
+
+    tc_("qdisc", "del", "dev", veth, "parent", "b0d0:1")
+    tc_("class", "change", "dev", veth, "parent", "b0d0:", "classid", "b0d0:1", "htb", "rate", "10mbit",
+        "ceil", "10mbit", "burst", "12500", "cburst", "12500", "quantum", "125000")  # fmt: skip
+    tc_("qdisc", "add", "dev", veth, "parent", "b0d0:1", "handle", "b0d1:", "bfifo", "limit", "134100")
+    att.check()
+
+    cli = [str(lab.bin_dir / "bwplugin"), "set", "--container", att.container_id, "--ingress", "5M", "--json"]
+    out = subprocess.run(["nsenter", f"--net={lab.node}", *cli], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ingress"]["rate"] == 5_000_000
+    kv = view(lab.node)
+    assert kv.htb_class(veth, 0xB0D00001)["rate"] == 5_000_000 // 8  # the class itself, as that build had it
+    (leaf,) = json.loads(lab.run(lab.node, "tc", "-j", "qdisc", "show", "dev", veth, "parent", "b0d0:1").stdout)
+    assert (leaf["kind"], leaf["options"]["limit"]) == ("bfifo", 134_100), leaf
+    att.check()
+
+    tc_("class", "change", "dev", veth, "parent", "b0d0:", "classid", "b0d0:1", "htb", "rate", "20mbit",
+        "ceil", "20mbit", "burst", "12500", "cburst", "12500", "quantum", "125000")  # fmt: skip
+    with pytest.raises(PluginFailed) as failed:
+        att.check()
+    assert "class b0d0:1: rate expected 625000, actual 2500000" in str(failed.value), failed.value
