@@ -134,6 +134,21 @@ def ping(bench: Bench, pod: Any, count: int, interval: float) -> tuple[list[floa
     return rtts, 1 - len(rtts) / count
 
 
+def ping_under_load(bench: Bench, pod: Any, direction: str, count: int) -> tuple[list[float], float]:
+    """Pings from the pod while one bulk TCP flow saturates the shaped direction."""
+    argv = ["iperf3", "-c", bench.peer.ip, "-p", str(LOAD_PORT), "-t", "60"]
+    if direction == "ingress":
+        argv.append("-R")
+    load = bench.lab.spawn(pod.netns, *argv)
+    try:
+        time.sleep(2.0)  # let the bulk flow fill the queue
+        return ping(bench, pod, count, 0.05)
+    finally:
+        load.terminate()
+        load.wait()
+        time.sleep(0.5)  # the server notices the end of the test
+
+
 def latency(bench: Bench, rates: list[int], count: int) -> list[dict[str, Any]]:
     rows = []
     points = [(r, d) for r in rates for d in ("egress", "ingress")]
@@ -141,15 +156,7 @@ def latency(bench: Bench, rates: list[int], count: int) -> list[dict[str, Any]]:
         for plugin in order(n):
             with bench.shaped(plugin, **{direction: rate}) as shaped:
                 idle, _ = ping(bench, shaped.pod, 40, 0.02)
-                argv = ["iperf3", "-c", bench.peer.ip, "-p", str(LOAD_PORT), "-t", "60"]
-                if direction == "ingress":
-                    argv.append("-R")
-                load = bench.lab.spawn(shaped.pod.netns, *argv)
-                time.sleep(2.0)  # let the bulk flow fill the queue
-                loaded, loss = ping(bench, shaped.pod, count, 0.05)
-                load.terminate()
-                load.wait()
-                time.sleep(0.5)  # the server notices the end of the test
+                loaded, loss = ping_under_load(bench, shaped.pod, direction, count)
             row = {
                 "plugin": plugin,
                 "rate": rate,
@@ -230,15 +237,7 @@ def subnet_mode(bench: Bench, rates: list[int], count: int, repeats: int, second
         for mode in modes:
             static = {"unshapedSubnets": ["10.99.0.0/16"]} if mode == "subnets" else None
             with bench.shaped_with("bwplugin", static, **{direction: rate}) as shaped:
-                argv = ["iperf3", "-c", bench.peer.ip, "-p", str(LOAD_PORT), "-t", "60"]
-                if direction == "ingress":
-                    argv.append("-R")
-                load = bench.lab.spawn(shaped.pod.netns, *argv)
-                time.sleep(2.0)  # let the bulk flow fill the queue
-                loaded, loss = ping(bench, shaped.pod, count, 0.05)
-                load.terminate()
-                load.wait()
-                time.sleep(0.5)  # the server notices the end of the test
+                loaded, loss = ping_under_load(bench, shaped.pod, direction, count)
                 result = bench.iperf(shaped.pod, seconds=seconds, reverse=direction == "ingress")
             row = {
                 "mode": mode,

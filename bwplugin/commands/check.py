@@ -8,7 +8,7 @@ from ..cni.protocol import version_at_least
 from ..datapath import bpf, probe, tc, tcx
 from ..datapath.naming import ifb_name
 from ..datapath.netlink import Link, Netlink
-from ..datapath.shaping import htb_leaf_limit, tbf_params
+from ..datapath.shaping import TBFParams, htb_leaf_limit, tbf_params
 from . import handover
 from .common import HostVeth, entry_flags, find_host_veth, in_force, owner_of, recorded_redirect
 
@@ -89,9 +89,7 @@ def _check_root(
         problems.append(f"{what}: expected bwplugin's {kind} b0d0:, found {q.kind if q is not None else 'none'}")
         return
     if kind == "tbf":
-        got = tc.tbf_state(q)
-        actual = (got.rate, got.limit, got.buffer_ticks) if got else None
-        _compare(problems, what, (want.rate, want.limit, want.buffer_ticks), actual)
+        _compare_tbf(problems, what, want, tc.tbf_state(q))
         return
     classes = tc.htb_classes(nl, index)
     shaped = classes.get(tc.CLASS_SHAPED)
@@ -105,15 +103,18 @@ def _check_root(
         if shaped is None or shaped.rate != tc.CLASSIFY_RATE:
             found = f"rate {shaped.rate} B/s" if shaped else "missing"
             problems.append(f"{what}: class b0d0:1 expected rate {tc.CLASSIFY_RATE} B/s (it only sorts), {found}")
-        got = tc.tbf_state(leaf) if leaf is not None and leaf.handle == tc.LEAF_TBF.handle else None
-        if got is None:
+        if leaf is None or leaf.kind != "tbf" or leaf.handle != tc.LEAF_TBF.handle:
             found = leaf.kind if leaf is not None else "none"
             problems.append(f"{what}: expected bwplugin's tbf b0d1: under class b0d0:1, found {found}")
         else:
-            _compare(problems, f"{what} tbf b0d1:", (want.rate, want.limit, want.buffer_ticks),
-                     (got.rate, got.limit, got.buffer_ticks))  # fmt: skip
+            _compare_tbf(problems, f"{what} tbf b0d1:", want, tc.tbf_state(leaf))
     if tc.CLASS_UNSHAPED not in classes:
         problems.append(f"{what}: unshaped class b0d0:2 missing")
+
+
+def _compare_tbf(problems: list[str], what: str, want: TBFParams, got: tc.TBFState | None) -> None:
+    actual = (got.rate, got.limit, got.buffer_ticks) if got else None
+    _compare(problems, what, (want.rate, want.limit, want.buffer_ticks), actual)
 
 
 def _compare(problems: list[str], what: str, want: tuple[int, int, int], got: tuple[int, int, int] | None) -> None:
