@@ -32,6 +32,10 @@ class KernelView:
     def root(self, dev: str) -> dict[str, Any] | None:
         return next((q for q in self.qdiscs.get(dev, []) if q["parent"] == 0xFFFFFFFF), None)
 
+    def leaf_tbf(self, dev: str) -> dict[str, Any] | None:
+        """Subnet mode's shaping TBF, under the HTB's shaped class b0d0:1."""
+        return next((q for q in self.qdiscs.get(dev, []) if q["kind"] == "tbf" and q["parent"] == 0xB0D00001), None)
+
     def htb_class(self, dev: str, classid: int) -> dict[str, Any] | None:
         return next((c for c in self.classes.get(dev, []) if c["handle"] == classid), None)
 
