@@ -17,7 +17,12 @@ PLUGINS = {
     "reference": {"type": "bandwidth", "capabilities": {"bandwidth": True}},  # Debian's Go plugin
 }
 # /20: room for the cost section run with --background 2000 (pods of each plugin)
-SUBNETS = {"peer": "10.234.0.0/24", "bwplugin": "10.234.16.0/20", "reference": "10.234.32.0/20"}
+SUBNETS = {
+    "peer": "10.234.0.0/24",
+    "bwplugin": "10.234.16.0/20",
+    "reference": "10.234.32.0/20",
+    "none": "10.234.48.0/24",  # pods with no shaper: the datapath section's baseline
+}
 CRIO_BURST = 34359738359
 MEASURE_PORT, LOAD_PORT = 5201, 5202
 
@@ -73,6 +78,19 @@ class Bench:
             yield shaped
         finally:
             self.lab.remove_pod(shaped.pod)
+
+    @contextlib.contextmanager
+    def unshaped(self) -> Iterator[Shaped]:
+        """A fresh pod on a network with no shaper in its chain."""
+        self.count += 1
+        pod = self.lab.pod(f"non{self.count}")
+        att = self.lab.attach(pod, self.lab.conflist(None, name="bwpt-none", subnet=SUBNETS["none"]))
+        ifaces = att.result["interfaces"] if att.result else []
+        veth = next(i["name"] for i in ifaces if i["name"].startswith("veth"))
+        try:
+            yield Shaped(pod, veth, None)
+        finally:
+            self.lab.remove_pod(pod)
 
     def iperf(self, pod: Pod, **kw: Any) -> dict[str, Any]:
         """iperf3 to the peer's measurement server (lab.iperf retries a busy server)."""

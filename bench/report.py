@@ -187,6 +187,71 @@ def attach_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _datapath_overheads(rows: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
+    """Each shaper's cost over no shaper, taken within each round (the three ran
+    back to back there), so that drift between rounds cancels."""
+    rounds: dict[int, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if not r.get("bpf_stats"):
+            rounds[r["repeat"]][r["shaper"]] = r[key]
+    out: dict[str, list[float]] = defaultdict(list)
+    for got in rounds.values():
+        for shaper in PLUGINS:
+            if shaper in got and "none" in got:
+                out[shaper].append(got[shaper] - got["none"])
+    return out
+
+
+def datapath_table(rows: list[dict[str, Any]]) -> str:
+    """CPU per UDP datagram (us) or per Gbit of TCP (ms), machine-wide busy time;
+    the overhead is the cost over no shaper, and the ratio bwplugin's / the reference's."""
+    out = [
+        "| load | direction | unit | no shaper | bwplugin | reference | overhead bwplugin | overhead reference "
+        "| bwplugin / reference | bwplugin's eBPF ns/packet |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["proto"], r["load_bps"], r["direction"])].append(r)
+    for (proto, load, direction), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "udp", kv[0][1:])):
+        key, unit = ("us_per_packet", "µs/packet") if proto == "udp" else ("ms_per_gbit", "ms/Gbit")
+        timed = [r for r in rs if not r.get("bpf_stats")]
+
+        def med(shaper: str, xs: list[dict[str, Any]] = timed, k: str = key) -> float:
+            return _med([r[k] for r in xs if r["shaper"] == shaper])
+
+        over = _datapath_overheads(rs, key)
+        ours, ref = _med(over["bwplugin"]), _med(over["reference"])
+        # no ratio where the reference's overhead is within the rounds' own spread
+        # without a shaper: it would be noise over noise
+        bare = [r[key] for r in timed if r["shaper"] == "none"]
+        noise = (max(bare) - min(bare)) / 2 if len(bare) > 1 else 0.0
+        ratio = f"{ours / ref:.2f}" if ref > noise else f"– (noise ±{noise:.2f})"
+        if proto == "udp":
+            label = f"UDP {rs[0]['length']} B at {load / (rs[0]['length'] * 8) / 1e3:.0f} kpps"
+        else:
+            label = f"TCP at {load / 1e9:g} Gbit/s"
+        out.append(
+            f"| {label} | {direction} | {unit} | {med('none'):.2f} | {med('bwplugin'):.2f} | {med('reference'):.2f} "
+            f"| {ours:.2f} | {ref:.2f} | {ratio} | {_num([r['bpf_ns_per_packet'] for r in rs], '.0f')} |"
+        )
+    return "\n".join(out)
+
+
+def top_bucket_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| rate Mbit/s | direction | variant | wire/conf (min–max) | TCP retransmits p50 |",
+           "|---:|---|---|---:|---:|"]  # fmt: skip
+    groups: dict[tuple[int, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["rate"], r["direction"], r["variant"])].append(r)
+    for (rate, direction, variant), rs in groups.items():
+        out.append(
+            f"| {rate / 1e6:g} | {direction} | {variant} | {_spread([r['wire_ratio'] for r in rs])} "
+            f"| {_med([r['retransmits'] for r in rs]):.0f} |"
+        )
+    return "\n".join(out)
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     parts = [
@@ -208,6 +273,10 @@ def markdown(result: dict[str, Any]) -> str:
         ("Cost of ADD and DEL (shaping plugin alone, both directions shaped)", "cost", cost_table),
         ("bwplugin's counting programs on TCX links vs cls_bpf filters (tcAttach; interleaved, one run)",
          "attach", attach_table),
+        ("Datapath cost at one offered load (machine-wide CPU busy time; each direction shaped at 1.25× the load, "
+         "so that nothing drops)", "datapath", datapath_table),
+        ("The bucket at the top (one unpaced TCP flow; bwplugin's maxBurstMs against the reference; interleaved)",
+         "top_bucket", top_bucket_table),
     ):  # fmt: skip
         if result.get(key):
             parts += [f"#### {title}", fn(result[key])]

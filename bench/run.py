@@ -23,6 +23,7 @@ from . import report, scenarios
 from .harness import CRIO_BURST, Bench, progress
 
 M = 1_000_000
+TOP_TCP = [1000 * M, 10000 * M]  # the datapath section's bulk TCP loads
 RUNTIME_BURSTS = {"containerd": CONTAINERD_BURST, "cri-o": CRIO_BURST, "small": 80_000}
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -34,6 +35,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "subnet_mode": {"rates": [10 * M], "count": 20, "repeats": 1, "seconds": 1},
         "cost": {"pods": 5, "background": 0},
         "attach": {"rates": [10 * M], "seconds": 1, "pods": 2},
+        "datapath": {"udp_share": 0.6, "udp_length": 64, "tcp_rates": [], "repeats": 1, "seconds": 1},
     },
     "quick": {
         "accuracy": {"rates": [1 * M, 10 * M, 100 * M, 1000 * M], "protos": ["tcp", "udp"], "repeats": 1, "seconds": 3},
@@ -44,6 +46,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "subnet_mode": {"rates": [10 * M, 100 * M], "count": 60, "repeats": 1, "seconds": 3},
         "cost": {"pods": 20, "background": 200},
         "attach": {"rates": [100 * M, 1000 * M], "seconds": 3, "pods": 20},
+        "datapath": {"udp_share": 0.6, "udp_length": 64, "tcp_rates": TOP_TCP, "repeats": 3, "seconds": 3},
     },
     "full": {
         "accuracy": {
@@ -59,10 +62,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "subnet_mode": {"rates": [10 * M, 100 * M, 1000 * M], "count": 100, "repeats": 3, "seconds": 5},
         "cost": {"pods": 50, "background": 500},
         "attach": {"rates": [100 * M, 1000 * M, 5000 * M], "seconds": 5, "pods": 50},
+        "datapath": {"udp_share": 0.6, "udp_length": 64, "tcp_rates": TOP_TCP, "repeats": 5, "seconds": 5},
     },
     # issue 17's accuracy at the top: only the rates where the machine itself runs out
     "top": {
         "accuracy": {"rates": [5000 * M, 10000 * M], "protos": ["tcp", "udp"], "repeats": 2, "seconds": 4},
+        "top_bucket": {"rates": [10000 * M], "repeats": 3, "seconds": 4},
     },
 }
 
@@ -105,6 +110,8 @@ def run(profile: str, out: Path, only: list[str] | None = None, background: int 
             ("subnet_mode", scenarios.subnet_mode),
             ("cost", scenarios.cost),
             ("attach", scenarios.attach_paths),
+            ("datapath", scenarios.datapath),
+            ("top_bucket", scenarios.top_bucket),
         ):
             if (only and name not in only) or name not in spec:
                 continue
@@ -123,7 +130,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--only", nargs="*", help="run only these sections", choices=list(PROFILES["quick"]))
+    sections = sorted({name for spec in PROFILES.values() for name in spec})
+    parser.add_argument("--only", nargs="*", help="run only these sections", choices=sections)
     parser.add_argument("--background", type=int, help="pods of each plugin held shaped in the cost section")
     args = parser.parse_args()
     result = run(args.profile, args.out, args.only, args.background)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bench.lab import bpfstats
@@ -17,6 +19,7 @@ from bench.lab.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler,
 from .harness import LOAD_PORT, MEASURE_PORT, PLUGINS, SUBNETS, Bench, order, progress
 
 USER_HZ = 100
+CPUS = os.cpu_count() or 1
 
 
 def busy_seconds() -> float:
@@ -449,3 +452,175 @@ def _handover_ms(bench: Bench, veth: str, answered: float, timeout: float = 5.0)
         if time.monotonic() - answered > timeout:
             raise RuntimeError(f"the agent did not move {veth}'s counting to TCX within {timeout:g} s")
         time.sleep(0.002)
+
+
+# ---------------------------------------------------------------- 8. datapath cost
+
+DATAPATH_SHAPERS = ("none", "bwplugin", "reference")
+# the shaped rate over the offered load on the wire: no variant drops or queues, so
+# all carry the same packets and the section compares the work per packet, not what
+# gets through
+HEADROOM = 1.25
+UDP_WIRE_EXTRA = 8 + 20 + 14  # UDP, IPv4 and Ethernet headers over iperf3's payload
+SETTLE_S = 1.0  # after ADD: the agent moves bwplugin's counting to TCX links then
+# iperf3's client on one CPU and its server on the other: where the scheduler puts
+# them changes the cost per byte by up to a half on this 2-CPU VM, which drowns shapers
+AFFINITY = ("-A", "0,1")
+
+
+def cpu_times() -> tuple[float, float, float]:
+    """(wall clock, idle, kernel) seconds, machine-wide, from /proc/stat. Idle is
+    exact on this tickless kernel (measured at each idle entry and exit), so wall x
+    CPUs - idle is the busy time to the microsecond. Kernel (system + irq +
+    softirq: where tc programs and qdiscs run, in the sender's system call or in
+    softirq) is sampled at each 4 ms tick, which a paced sender's work can dodge:
+    reported, but the overheads come from the busy time, in which iperf3's own user
+    time is the same for every variant at one load."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
+    return time.monotonic(), (f[3] + f[4]) / USER_HZ, (f[2] + f[5] + f[6]) / USER_HZ
+
+
+@contextlib.contextmanager
+def _datapath_pod(bench: Bench, shaper: str, direction: str, rate: int) -> Iterator[Any]:
+    if shaper == "none":
+        with bench.unshaped() as s:
+            yield s
+    else:
+        with bench.shaped(shaper, **{direction: rate}) as s:
+            yield s
+
+
+def _delivered(result: dict[str, Any], proto: str, length: int) -> tuple[float, float]:
+    """(packets, bytes) the receiver got: UDP datagrams of `length`; for TCP, bytes
+    only (a packet count means little under GSO, so TCP is reported per Gbit)."""
+    got = result["end"]["sum_received"]["bytes"]
+    return (got / length if proto == "udp" else float("nan")), got
+
+
+def datapath(
+    bench: Bench, udp_share: float, udp_length: int, tcp_rates: list[int], repeats: int, seconds: float
+) -> list[dict[str, Any]]:
+    """The kernel CPU one packet costs with each shaper, at one offered load for all
+    and against no shaper at all (issue 17, item 3), interleaved. Loads: UDP
+    datagrams of `udp_length` bytes at `udp_share` of the highest packet rate the
+    unshaped path sustains here (measured first), and TCP paced by iperf3 at each
+    of `tcp_rates`; each direction shaped at HEADROOM x the load. bwplugin's eBPF
+    programs report their own run time in one more run per point (the kernel's bpf
+    stats cost two clock reads per program run, which the timed runs must not pay)."""
+    with bench.unshaped() as s:
+        top = bench.iperf(s.pod, seconds=seconds, extra=("-u", "-b", "0", "-l", str(udp_length)))
+    top_pps = _delivered(top, "udp", udp_length)[0] / seconds
+    pps = top_pps * udp_share
+    udp_bps = int(pps * udp_length * 8)
+    progress(f"datapath: unshaped UDP peaks at {top_pps / 1e3:.0f} kpps; offering {top_pps * udp_share / 1e3:.0f} kpps")
+    # (proto, iperf3's -b, the shaped rate)
+    loads = [("udp", udp_bps, int(pps * (udp_length + UDP_WIRE_EXTRA) * 8 * HEADROOM))]
+    loads += [("tcp", r, int(r * HEADROOM)) for r in tcp_rates]
+    points = [(p, b, r, d, i) for p, b, r in loads for d in ("egress", "ingress") for i in range(repeats)]
+    rows = []
+    for n, (proto, load, rate, direction, rep) in enumerate(points):
+        shapers = DATAPATH_SHAPERS[n % 3 :] + DATAPATH_SHAPERS[: n % 3]  # rotate who goes first
+        # bwplugin once more with the bpf stats on: their clock reads would add to its CPU
+        timed = [(s, False) for s in shapers] + ([("bwplugin", True)] if rep == 0 else [])
+        for shaper, stats in timed:
+            row = _datapath_run(bench, shaper, proto, (load, rate), direction, udp_length, seconds, stats)
+            rows.append({**row, "repeat": rep})
+            progress(
+                f"datapath {shaper:9} {proto} {direction:7} {load / 1e6:7.1f} Mbit/s: delivered "
+                f"{row['delivered_ratio']:.3f}, CPU {row['ms_per_gbit']:.1f} ms/Gbit"
+                + (f", {row['us_per_packet']:.2f} us/packet" if proto == "udp" else "")
+                + (f", eBPF {row['bpf_ns_per_packet']:.0f} ns/packet" if stats else "")
+            )
+    return rows
+
+
+def _datapath_run(
+    bench: Bench,
+    shaper: str,
+    proto: str,
+    load_rate: tuple[int, int],
+    direction: str,
+    length: int,
+    seconds: float,
+    stats: bool,
+) -> dict[str, Any]:
+    load, rate = load_rate
+    with _datapath_pod(bench, shaper, direction, rate) as shaped:
+        extra = (*AFFINITY, "-u", "-l", str(length)) if proto == "udp" else AFFINITY
+        time.sleep(SETTLE_S)
+        with bpfstats.run_time_stats() if stats else contextlib.nullcontext():
+            progs0, (wall0, idle0, kernel0) = bpfstats.snapshot(), cpu_times()
+            result = bench.iperf(
+                shaped.pod, seconds=seconds, reverse=direction == "ingress", extra=(*extra, "-b", str(load))
+            )
+            wall1, idle1, kernel1 = cpu_times()
+            bpf_ns, bpf_runs = bpfstats.spent(progs0, bpfstats.snapshot())
+    busy = (wall1 - wall0) * CPUS - (idle1 - idle0)
+    kernel = kernel1 - kernel0
+    packets, got = _delivered(result, proto, length)
+    sent = result["end"]["sum_sent"]["bytes"]
+    nan = float("nan")
+    return {
+        "shaper": shaper,
+        "bpf_stats": stats,
+        "proto": proto,
+        "load_bps": load,  # iperf3's -b: UDP payload, TCP goodput
+        "length": length if proto == "udp" else 0,
+        "shaped_bps": rate if shaper != "none" else 0,
+        "direction": direction,
+        "delivered_ratio": got / sent if sent else nan,
+        "delivered_bps": got * 8 / seconds,
+        "busy_s": busy,
+        "kernel_s": kernel,
+        # per datagram for UDP; per Gbit delivered for TCP, whose packet count means
+        # little under GSO
+        "us_per_packet": busy * 1e6 / packets if proto == "udp" and packets else nan,
+        "kernel_us_per_packet": kernel * 1e6 / packets if proto == "udp" and packets else nan,
+        "ms_per_gbit": busy * 1e3 / (got * 8 / 1e9) if got else nan,
+        "kernel_ms_per_gbit": kernel * 1e3 / (got * 8 / 1e9) if got else nan,
+        "bpf_ns_per_run": bpf_ns / bpf_runs if stats and bpf_runs else nan,
+        # per datagram for UDP, per Gbit's worth of 1500-byte packets for TCP
+        "bpf_ns_per_packet": bpf_ns / (packets if proto == "udp" else got / 1500) if stats and got else nan,
+    }
+
+
+# ---------------------------------------------------------------- 9. the bucket at the top
+
+# bwplugin's bucket cap (maxBurstMs) against the reference, TCP at the top rates
+BUCKETS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "bwplugin (maxBurstMs 10, default)": ("bwplugin", None),
+    "bwplugin (maxBurstMs 100)": ("bwplugin", {"maxBurstMs": 100}),
+    "reference": ("reference", None),
+}
+
+
+def top_bucket(bench: Bench, rates: list[int], repeats: int, seconds: float) -> list[dict[str, Any]]:
+    """Wire/conf of one unpaced TCP flow at the top rates, bwplugin with its default
+    10 ms bucket cap and with 100 ms, interleaved with the reference (whose bucket is
+    containerd's 512 MiB). A bucket holds what the flow may catch up after a gap in
+    its sending (a sender not scheduled, a loss recovery): at 10 Gbit/s on a 2-CPU VM
+    such gaps are longer than 10 ms, and the rate they cost is lost for good."""
+    rows = []
+    names = list(BUCKETS)
+    points = [(r, d, i) for r in rates for d in ("egress", "ingress") for i in range(repeats)]
+    for n, (rate, direction, rep) in enumerate(points):
+        for label in names[n % 3 :] + names[: n % 3]:
+            plugin, static = BUCKETS[label]
+            with bench.shaped_with(plugin, static, **{direction: rate}) as shaped:
+                time.sleep(SETTLE_S)
+                dev = shaped.device(direction)
+                with Sampler(bench.lab.node, [dev], interval=0.1) as s:
+                    result = bench.iperf(shaped.pod, seconds=seconds, reverse=direction == "ingress")
+                wire = s.steady_rate(dev)
+            row = {
+                "variant": label,
+                "rate": rate,
+                "direction": direction,
+                "repeat": rep,
+                "wire_ratio": wire / rate,
+                "retransmits": result["end"]["sum_sent"].get("retransmits", 0),
+            }
+            rows.append(row)
+            progress(f"top bucket {label:34} {direction:7} {rate / 1e9:g} Gbit/s: wire {row['wire_ratio']:.3f}")
+    return rows

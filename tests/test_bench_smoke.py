@@ -47,6 +47,14 @@ def test_bench_smoke_weak_by_design_only_runs_every_section_and_writes_its_repor
             assert 0 < row["wire_ratio"] < 10, row
         else:
             assert len(row["add_ms"]) == len(row["del_ms"]) == 2 and min(row["add_ms"] + row["del_ms"]) > 0, row
+    # datapath: every shaper at both directions, bwplugin once more with its eBPF stats
+    runs = {(row["shaper"], row["direction"], row["bpf_stats"]) for row in doc["datapath"]}
+    assert runs == {(s, d, False) for s in ("none", "bwplugin", "reference") for d in ("egress", "ingress")} | {
+        ("bwplugin", d, True) for d in ("egress", "ingress")
+    }, runs
+    for row in doc["datapath"]:
+        assert row["us_per_packet"] > 0 and 0.5 < row["delivered_ratio"] <= 1.01, row
+        assert (row["bpf_ns_per_packet"] > 0) == row["bpf_stats"], row  # NaN compares False
     md = (tmp_path / "smoke.md").read_text()
     for heading in (
         "Steady-state accuracy",
@@ -57,6 +65,7 @@ def test_bench_smoke_weak_by_design_only_runs_every_section_and_writes_its_repor
         "Subnet mode against plain mode",
         "Cost of ADD",
         "TCX links vs cls_bpf filters",
+        "Datapath cost",
     ):
         assert heading in md
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
