@@ -222,10 +222,10 @@ def datapath_table(rows: list[dict[str, Any]]) -> str:
 
         over = _datapath_overheads(rs, key)
         ours, ref = _med(over["bwplugin"]), _med(over["reference"])
-        # no ratio where the reference's overhead is within the rounds' own spread
-        # without a shaper: it would be noise over noise
-        bare = [r[key] for r in timed if r["shaper"] == "none"]
-        noise = (max(bare) - min(bare)) / 2 if len(bare) > 1 else 0.0
+        # no ratio where the reference's overhead is not clearly above zero (its
+        # median within half the range of its rounds): it would be noise over noise
+        refs = over["reference"]
+        noise = (max(refs) - min(refs)) / 2 if len(refs) > 1 else 0.0
         ratio = f"{ours / ref:.2f}" if ref > noise else f"– (noise ±{noise:.2f})"
         if proto == "udp":
             label = f"UDP {rs[0]['length']} B at {load / (rs[0]['length'] * 8) / 1e3:.0f} kpps"
@@ -283,6 +283,12 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _legend(ax: Any, size: int) -> None:
+    """A legend only where something was drawn (a run with --only leaves panels empty)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size)
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -312,7 +318,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.plot([lo, hi], [lo, hi], ":", color="grey", label="configured")
     ax.set(xscale="log", yscale="log", xlabel="configured Mbit/s", ylabel="achieved on the wire, Mbit/s",
            title="Steady-state rate (tc byte counters)")  # fmt: skip
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
 
     ax = axes[0][1]
     for r in result.get("bursts", []):
@@ -323,7 +329,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.plot([0, 2], [0, r["rate"] / 8 * 2 / 1e6], ":", color="grey")
     ax.set(xlabel="seconds after the flow starts", ylabel="MB passed", yscale="symlog",
            title="First 2 s of a TCP flow (dotted: rate × t)")  # fmt: skip
-    ax.legend(fontsize=8)
+    _legend(ax, 8)
 
     ax = axes[1][0]
     lat = result.get("latency", [])
@@ -339,7 +345,7 @@ def plot(result: dict[str, Any], path: str) -> None:
         ax.bar(xs, p50, width, color=colors[plugin], label=f"{plugin} p50")
     ax.set_xticks(range(len(labels)), [f"{_mbit(r)} Mb {d}" for r, d in labels])
     ax.set(yscale="log", ylabel="ping RTT under load, ms", title="Latency under load")
-    ax.legend(fontsize=8)
+    _legend(ax, 8)
 
     ax = axes[1][1]
     cost = [r for r in result.get("cost", []) if "del_ms" in r]
@@ -356,7 +362,7 @@ def plot(result: dict[str, Any], path: str) -> None:
                label=f"{variant} DEL p50")  # fmt: skip
     ax.set_xticks([j * 2.6 + 1.0 for j in range(len(phases))], phases)
     ax.set(ylabel="ms", yscale="log", title="ADD / DEL wall time (p50; left ADD, right DEL)")
-    ax.legend(fontsize=8)
+    _legend(ax, 8)
 
     fig.tight_layout()
     fig.savefig(path, dpi=90)
