@@ -50,13 +50,16 @@ class Bench:
         self.conflists = {
             name: lab.conflist(conf, name=f"bwpt-{name}", subnet=SUBNETS[name]) for name, conf in PLUGINS.items()
         }
+        # no shaper in the chain: the datapath section's baseline (`shaped("none")`)
+        self.conflists["none"] = lab.conflist(None, name="bwpt-none", subnet=SUBNETS["none"])
         self.peer = lab.pod("peer")
         lab.attach(self.peer, lab.conflist(None, name="bwpt-peer", subnet=SUBNETS["peer"]))
         lab.iperf_server(self.peer, MEASURE_PORT)
         lab.iperf_server(self.peer, LOAD_PORT)
 
     def add(self, plugin: str, runtime_config: dict[str, Any] | None, static: dict[str, Any] | None = None) -> Shaped:
-        """A fresh pod shaped by `plugin`; `static` adds keys to its plugin config."""
+        """A fresh pod shaped by `plugin` ("none": a chain with no shaper); `static`
+        adds keys to its plugin config."""
         self.count += 1
         pod = self.lab.pod(f"{plugin[:3]}{self.count}")
         conflist = self.conflists[plugin]
@@ -73,31 +76,24 @@ class Bench:
 
     @contextlib.contextmanager
     def shaped_with(self, plugin: str, static: dict[str, Any] | None, **bw: int) -> Iterator[Shaped]:
-        shaped = self.add(plugin, bandwidth(**bw), static)
+        shaped = self.add(plugin, bandwidth(**bw) if bw else None, static)  # no rates: no runtimeConfig
         try:
             yield shaped
         finally:
             self.lab.remove_pod(shaped.pod)
-
-    @contextlib.contextmanager
-    def unshaped(self) -> Iterator[Shaped]:
-        """A fresh pod on a network with no shaper in its chain."""
-        self.count += 1
-        pod = self.lab.pod(f"non{self.count}")
-        att = self.lab.attach(pod, self.lab.conflist(None, name="bwpt-none", subnet=SUBNETS["none"]))
-        ifaces = att.result["interfaces"] if att.result else []
-        veth = next(i["name"] for i in ifaces if i["name"].startswith("veth"))
-        try:
-            yield Shaped(pod, veth, None)
-        finally:
-            self.lab.remove_pod(pod)
 
     def iperf(self, pod: Pod, **kw: Any) -> dict[str, Any]:
         """iperf3 to the peer's measurement server (lab.iperf retries a busy server)."""
         return self.lab.iperf(pod, self.peer, port=MEASURE_PORT, **kw)
 
 
-def order(i: int) -> list[str]:
-    """Alternate which plugin goes first so drift in machine load hits both alike."""
-    names = list(PLUGINS)
-    return names if i % 2 == 0 else names[::-1]
+def rotated(names: tuple[str, ...], i: int) -> tuple[str, ...]:
+    """The i-th rotation: who goes first changes from point to point, so that drift
+    in machine load hits every variant alike."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
+def order(i: int) -> tuple[str, ...]:
+    """The two plugins, alternating which goes first."""
+    return rotated(tuple(PLUGINS), i)

@@ -9,14 +9,13 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from bench.lab import bpfstats
 from bench.lab.lab import CONTAINERD_BURST, remove_pin_dir, runtime_bandwidth
 from bench.lab.measure import TCP_GOODPUT_CEILING, UDP_GOODPUT_CEILING, Sampler, iperf_goodput
 
-from .harness import LOAD_PORT, MEASURE_PORT, PLUGINS, SUBNETS, Bench, order, progress
+from .harness import LOAD_PORT, MEASURE_PORT, PLUGINS, SUBNETS, Bench, order, progress, rotated
 
 USER_HZ = 100
 CPUS = os.cpu_count() or 1
@@ -326,9 +325,8 @@ def _agent_cpu_seconds(bench: Bench) -> float:
     return (int(fields[11]) + int(fields[12])) / USER_HZ
 
 
-def _order(i: int) -> list[str]:
-    names = list(VARIANTS)
-    return names[i % len(names) :] + names[: i % len(names)]
+def _order(i: int) -> tuple[str, ...]:
+    return rotated(tuple(VARIANTS), i)
 
 
 def cost(bench: Bench, pods: int, background: int) -> list[dict[str, Any]]:
@@ -481,16 +479,6 @@ def cpu_times() -> tuple[float, float, float]:
     return time.monotonic(), (f[3] + f[4]) / USER_HZ, (f[2] + f[5] + f[6]) / USER_HZ
 
 
-@contextlib.contextmanager
-def _datapath_pod(bench: Bench, shaper: str, direction: str, rate: int) -> Iterator[Any]:
-    if shaper == "none":
-        with bench.unshaped() as s:
-            yield s
-    else:
-        with bench.shaped(shaper, **{direction: rate}) as s:
-            yield s
-
-
 def _delivered(result: dict[str, Any], proto: str, length: int) -> tuple[float, float]:
     """(packets, bytes) the receiver got: UDP datagrams of `length`; for TCP, bytes
     only (a packet count means little under GSO, so TCP is reported per Gbit)."""
@@ -508,19 +496,19 @@ def datapath(
     of `tcp_rates`; each direction shaped at HEADROOM x the load. bwplugin's eBPF
     programs report their own run time in one more run per point (the kernel's bpf
     stats cost two clock reads per program run, which the timed runs must not pay)."""
-    with bench.unshaped() as s:
+    with bench.shaped("none") as s:
         top = bench.iperf(s.pod, seconds=seconds, extra=("-u", "-b", "0", "-l", str(udp_length)))
     top_pps = _delivered(top, "udp", udp_length)[0] / seconds
     pps = top_pps * udp_share
     udp_bps = int(pps * udp_length * 8)
-    progress(f"datapath: unshaped UDP peaks at {top_pps / 1e3:.0f} kpps; offering {top_pps * udp_share / 1e3:.0f} kpps")
+    progress(f"datapath: unshaped UDP peaks at {top_pps / 1e3:.0f} kpps; offering {pps / 1e3:.0f} kpps")
     # (proto, iperf3's -b, the shaped rate)
     loads = [("udp", udp_bps, int(pps * (udp_length + UDP_WIRE_EXTRA) * 8 * HEADROOM))]
     loads += [("tcp", r, int(r * HEADROOM)) for r in tcp_rates]
     points = [(p, b, r, d, i) for p, b, r in loads for d in ("egress", "ingress") for i in range(repeats)]
     rows = []
     for n, (proto, load, rate, direction, rep) in enumerate(points):
-        shapers = DATAPATH_SHAPERS[n % 3 :] + DATAPATH_SHAPERS[: n % 3]  # rotate who goes first
+        shapers = rotated(DATAPATH_SHAPERS, n)
         # bwplugin once more with the bpf stats on: their clock reads would add to its CPU
         timed = [(s, False) for s in shapers] + ([("bwplugin", True)] if rep == 0 else [])
         for shaper, stats in timed:
@@ -546,7 +534,7 @@ def _datapath_run(
     stats: bool,
 ) -> dict[str, Any]:
     load, rate = load_rate
-    with _datapath_pod(bench, shaper, direction, rate) as shaped:
+    with bench.shaped(shaper, **({} if shaper == "none" else {direction: rate})) as shaped:
         extra = (*AFFINITY, "-u", "-l", str(length)) if proto == "udp" else AFFINITY
         time.sleep(SETTLE_S)
         with bpfstats.run_time_stats() if stats else contextlib.nullcontext():
@@ -602,10 +590,10 @@ def top_bucket(bench: Bench, rates: list[int], repeats: int, seconds: float) -> 
     its sending (a sender not scheduled, a loss recovery): at 10 Gbit/s on a 2-CPU VM
     such gaps are longer than 10 ms, and the rate they cost is lost for good."""
     rows = []
-    names = list(BUCKETS)
+    names = tuple(BUCKETS)
     points = [(r, d, i) for r in rates for d in ("egress", "ingress") for i in range(repeats)]
     for n, (rate, direction, rep) in enumerate(points):
-        for label in names[n % 3 :] + names[: n % 3]:
+        for label in rotated(names, n):
             plugin, static = BUCKETS[label]
             with bench.shaped_with(plugin, static, **{direction: rate}) as shaped:
                 time.sleep(SETTLE_S)
